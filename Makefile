@@ -1,0 +1,27 @@
+# Two commands do all the set-up on a fresh machine:  `make train` (the main job) and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# pip here takes this torch pair from local disk (see DESIGN.md); elsewhere it downloads them
+	$(PY) -m pip install --quiet "torch==2.14.1" "torchvision==0.29.1"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+fashion-mnist:
+	@test -d /usr/share/datasets/fashion-mnist || { apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; } \
+	  || echo "dataset-fashion-mnist not installable here: train.py falls back to the Hub copy"
+
+install: $(STAMP)
+
+train: $(STAMP) fashion-mnist
+	$(PY) train.py
+
+test: $(STAMP) fashion-mnist
+	$(PY) -m pytest -q tests
+
+.PHONY: install train test fashion-mnist

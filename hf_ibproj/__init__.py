@@ -1,0 +1,29 @@
+"""hf_ibproj: "Projection Head is Secretly an Information Bottleneck" (ICLR 2025) for the Hugging Face ecosystem.
+
+Importing the package registers the small-image ResNets with timm and `IBProjConfig` / `IBProjModel`
+with transformers' AutoConfig / AutoModel.
+"""
+
+from transformers import AutoConfig, AutoModel
+
+from . import backbones  # noqa: F401  (registers resnet18_small, resnet34_small, resnet50_small with timm)
+from .configuration_ibproj import IBProjConfig
+from .information import matrix_joint_entropy, matrix_mutual_information, matrix_renyi_entropy
+from .modeling_ibproj import IBProjModel, IBProjModelOutput
+from .objectives import barlow_twins_loss, nt_xent_loss
+
+AutoConfig.register(IBProjConfig.model_type, IBProjConfig, exist_ok=True)
+AutoModel.register(IBProjConfig, IBProjModel, exist_ok=True)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "IBProjConfig",
+    "IBProjModel",
+    "IBProjModelOutput",
+    "barlow_twins_loss",
+    "matrix_joint_entropy",
+    "matrix_mutual_information",
+    "matrix_renyi_entropy",
+    "nt_xent_loss",
+]

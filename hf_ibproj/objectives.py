@@ -1,0 +1,88 @@
+"""Self-supervised objectives (PAPER.md section 4), correct under torch.distributed.
+
+Written by hand because the distributed gradients are the point: NT-Xent gathers negatives from every
+process WITH gradient, Barlow Twins reduces its batch statistics and cross-correlation WITH gradient
+(a plain all_reduce gets the gradient wrong by the world size, the bug lightly fixed). Every process
+returns a loss whose parameter gradients, averaged by DDP, equal those of one process on the global batch.
+Inputs are views stacked as (views, batch, dim); the math runs in float32 under any autocast.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
+import torch.nn.functional as F
+
+_BATCH_NORM_EPS = 1e-5  # nn.BatchNorm1d's default, as in the paper's BatchNorm1d(affine=False)
+
+
+def _distributed(enabled: bool) -> bool:
+    return enabled and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _sum_across_processes(x: torch.Tensor) -> torch.Tensor:
+    """All-reduce (sum) whose backward all-reduces the gradient."""
+    return funcol.all_reduce(x, "sum", dist.group.WORLD)
+
+
+def _check_views(views: torch.Tensor) -> None:
+    if views.dim() != 3 or views.shape[0] < 2:
+        raise ValueError(f"views must be shaped (views >= 2, batch, dim), got {tuple(views.shape)}.")
+
+
+@torch.autocast("cuda", enabled=False)
+@torch.autocast("cpu", enabled=False)
+def nt_xent_loss(views: torch.Tensor, tau: float = 0.2, gather_distributed: bool = True) -> torch.Tensor:
+    """NT-Xent over V >= 2 views: every other view of the same image is a positive, every other row a negative.
+
+    loss = mean over (anchor a, positive p) of -log( exp(s_ap / tau) / sum_{k != a} exp(s_ak / tau) ),
+    s the cosine similarity; for V = 2 this is SimCLR's loss (paper tau = 0.2).
+    """
+    _check_views(views)
+    z = F.normalize(views.float(), dim=-1)
+    num_views, batch, dim = z.shape
+    candidates, offset = z, 0
+    if _distributed(gather_distributed):
+        # gather along the batch: (world * batch, views, dim), rows of this process start at rank * batch
+        gathered = funcol.all_gather_single(z.transpose(0, 1).contiguous(), 0, dist.group.WORLD)
+        candidates, offset = gathered.transpose(0, 1), dist.get_rank() * batch
+    total = candidates.shape[1]
+    logits = z.reshape(-1, dim) @ candidates.reshape(-1, dim).T / tau  # (V * batch, V * total)
+    view = torch.arange(num_views, device=z.device)
+    image = torch.arange(batch, device=z.device) + offset
+    column = (view[:, None] * total + image[None, :]).reshape(-1)  # each anchor's own column
+    logits = logits.scatter(1, column[:, None], float("-inf"))
+    log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
+    other_views = torch.stack([torch.cat([view[:v], view[v + 1 :]]) for v in range(num_views)])  # (V, V-1)
+    positive_columns = (other_views[:, None, :] * total + image[None, :, None]).reshape(-1, num_views - 1)
+    return -log_prob.gather(1, positive_columns).mean()
+
+
+@torch.autocast("cuda", enabled=False)
+@torch.autocast("cpu", enabled=False)
+def barlow_twins_loss(
+    views: torch.Tensor, lambda_offdiag: float = 0.0051, scale: float = 0.1, gather_distributed: bool = True
+) -> torch.Tensor:
+    """Barlow Twins, averaged over all pairs of views.
+
+    Each view is batch-normalized (no affine, global batch statistics), C = z_a^T z_b / N and
+    loss = scale * [sum_i (1 - C_ii)^2 + lambda * sum_{i != j} C_ij^2]; paper scale 0.1, lambda 0.0051.
+    """
+    _check_views(views)
+    z = views.float()
+    distributed = _distributed(gather_distributed)
+    reduce = _sum_across_processes if distributed else (lambda x: x)
+    count = z.shape[1] * (dist.get_world_size() if distributed else 1)
+    mean = reduce(z.sum(dim=1, keepdim=True)) / count
+    var = reduce((z - mean).pow(2).sum(dim=1, keepdim=True)) / count
+    z = (z - mean) / torch.sqrt(var + _BATCH_NORM_EPS)
+    pair_losses = []
+    for a in range(z.shape[0]):
+        for b in range(a + 1, z.shape[0]):
+            c = reduce(z[a].T @ z[b]) / count
+            diagonal = torch.diagonal(c)
+            on_diagonal = (1 - diagonal).pow(2).sum()
+            off_diagonal = c.pow(2).sum() - diagonal.pow(2).sum()
+            pair_losses.append(scale * (on_diagonal + lambda_offdiag * off_diagonal))
+    return torch.stack(pair_losses).mean()
