@@ -8,6 +8,7 @@ from transformers import AutoConfig, AutoModel
 
 from . import backbones  # noqa: F401  (registers resnet18_small, resnet34_small, resnet50_small with timm)
 from .configuration_ibproj import IBProjConfig
+from .hub import export_backbone, push_to_hub
 from .information import matrix_joint_entropy, matrix_mutual_information, matrix_renyi_entropy
 from .modeling_ibproj import IBProjModel, IBProjModelOutput
 from .objectives import barlow_twins_loss, nt_xent_loss
@@ -22,8 +23,10 @@ __all__ = [
     "IBProjModel",
     "IBProjModelOutput",
     "barlow_twins_loss",
+    "export_backbone",
     "matrix_joint_entropy",
     "matrix_mutual_information",
     "matrix_renyi_entropy",
     "nt_xent_loss",
+    "push_to_hub",
 ]

@@ -134,31 +134,51 @@ def test_killed_run_resumes_to_the_same_weights(tiny_dataset, tmp_path):
     assert logged == sorted(set(logged)), "resumed metrics must not repeat steps"
 
 
+@pytest.fixture(scope="module")
+def train_module():
+    sys.path.insert(0, str(REPO))
+    import train
+
+    yield train
+    sys.path.remove(str(REPO))
+
+
 @pytest.mark.parametrize(
-    "extra, message",
+    "extra, error, message",
     [
-        (["--dataset", "/nonexistent/folder"], "/nonexistent/folder"),
-        (["--image-column", "pixels"], "pixels"),
-        (["--label-column", "klass"], "klass"),
-        (["--train-split", "validation"], "validation"),
-        (["--image-size", "64"], "64"),
-        (["--optimizer", "rmsprop"], "optimizer"),
-        (["--quantize-levels", "1"], "quantize_levels"),
+        (["--dataset", "/nonexistent/folder"], FileNotFoundError, "/nonexistent/folder"),
+        (["--image-column", "pixels"], ValueError, "pixels"),
+        (["--label-column", "klass"], ValueError, "klass"),
+        (["--train-split", "validation"], ValueError, "validation"),
+        (["--image-size", "64"], ValueError, "64"),
+        (["--optimizer", "rmsprop"], ValueError, "optimizer"),
+        (["--quantize-levels", "1"], ValueError, "quantize_levels"),
+        (["--epochs", "two"], ValueError, "epochs"),
     ],
 )
-def test_bad_input_fails_before_training(tiny_dataset, tmp_path, extra, message):
-    args = ["--dataset", str(tiny_dataset), "--epochs", "1", "--output-dir", str(tmp_path / "bad"), *TINY, *extra]
-    result = run_train(args, check=False)
-    assert result.returncode != 0
-    assert message in result.stderr
+def test_bad_input_fails_before_training(train_module, tiny_dataset, tmp_path, extra, error, message):
+    args = ["--dataset", str(tiny_dataset), "--epochs", "1", "--output-dir", str(tmp_path / "bad"), "--tracker",
+            "none", *TINY, *extra]
+    with pytest.raises(error, match=message):
+        train_module.main(args)
     assert not (tmp_path / "bad" / "checkpoints").exists()
 
 
-def test_unknown_preset_key_is_named(tmp_path):
+def test_unknown_preset_key_is_named(train_module, tmp_path):
     preset = tmp_path / "preset.yaml"
     preset.write_text("dataset: fashion_mnist\nlearning_rate: 0.1\n")
-    result = run_train(["--config", str(preset)], check=False)
-    assert result.returncode != 0 and "learning_rate" in result.stderr and "valid keys" in result.stderr
+    with pytest.raises(ValueError, match="learning_rate.*valid keys"):
+        train_module.main(["--config", str(preset)])
+    with pytest.raises(FileNotFoundError, match="fashion_mnist_cpu"):
+        train_module.main(["--config", str(tmp_path / "missing.yaml")])
+
+
+def test_existing_run_is_not_overwritten_without_resume(train_module, tiny_dataset, tmp_path):
+    (tmp_path / "run" / "checkpoints" / "step_00000001").mkdir(parents=True)
+    with pytest.raises(FileExistsError, match="--resume"):
+        train_module.main(["--dataset", str(tiny_dataset), "--output-dir", str(tmp_path / "run"), *TINY])
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        train_module.main(["--dataset", str(tiny_dataset), "--output-dir", str(tmp_path / "new"), "--resume", *TINY])
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tiny_dataset, tmp_path):
