@@ -1,0 +1,438 @@
+"""Image datasets through Hugging Face `datasets`, decoded once to uint8 tensors (DESIGN.md, Data).
+
+Sources: a Hub dataset id, a local folder (`imagefolder` class sub-folders, or parquet/csv files), a
+`save_to_disk` folder, or the built-in name `fashion_mnist` (Debian's package `dataset-fashion-mnist` when
+installed, else the Hub copy). Two ways to read them:
+  - `load_image_data`: decode every image once into one uint8 tensor (datasets that fit in memory);
+  - `StreamingImageDataset`: decode row by row in DataLoader workers (datasets that do not).
+Both share `open_image_dataset` (locating the split and its columns) and `decode_image` (one row to a
+uint8 (C, H, W) array), so the two paths give identical pixels. Augmentation lives in `augmentation.py`.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+import pyarrow as pa
+import torch
+from PIL import Image
+
+from .augmentation import TwoViewAugmentation, to_model_input  # noqa: F401  (re-exported: the data API)
+
+logger = logging.getLogger(__name__)
+
+IMAGE_COLUMN_NAMES = ("image", "img", "pixel_values")
+LABEL_COLUMN_NAMES = ("label", "labels", "fine_label")
+# Label given by StreamingImageDataset to rows of a dataset without labels.
+NO_LABEL = -1
+
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_HUB_ID = "zalando-datasets/fashion_mnist"
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+]  # fmt: skip
+FASHION_MNIST_FILES = {  # split -> (images, labels) in FASHION_MNIST_DIR
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+BUILTIN_DATASETS = {"fashion_mnist": FASHION_MNIST_HUB_ID}
+
+# "name" or "owner/name", the shape of a Hub dataset id.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+# PIL's convert() clips 16-bit values at 255 instead of rescaling them, so these modes are rescaled by hand.
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+@dataclass
+class ImageData:
+    """A decoded split: uint8 images of one size, optional int64 labels and class names."""
+
+    images: torch.Tensor  # uint8 (N, C, H, W)
+    labels: torch.Tensor | None  # int64 (N,)
+    class_names: list[str] | None
+    skipped: int = 0  # rows whose image could not be decoded
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes: from the class names, else the largest label + 1, else 0 (no labels)."""
+        if self.class_names is not None:
+            return len(self.class_names)
+        if self.labels is not None and len(self.labels):
+            return int(self.labels.max()) + 1
+        return 0
+
+
+# ----------------------------------------------------------------------------------------------- opening
+
+
+def _fashion_mnist_is_local(source: str) -> bool:
+    return source == "fashion_mnist" and all((FASHION_MNIST_DIR / f).is_file() for f in FASHION_MNIST_FILES["train"])
+
+
+def _read_idx_ubyte(path: Path) -> np.ndarray:
+    """Read a gzipped uint8 idx file (the MNIST format: 2 zero bytes, type 0x08, ndim, big-endian int32 dims).
+
+    Parsed by hand with numpy because `datasets` has no reader for it, and this is ~50x faster than
+    building a `datasets.Dataset` from the arrays.
+    """
+    with gzip.open(path, "rb") as f:
+        raw = f.read()
+    if raw[:3] != b"\x00\x00\x08":
+        raise ValueError(f"{path} is not a uint8 idx file (header {raw[:4]!r}): reinstall dataset-fashion-mnist")
+    ndim = raw[3]
+    shape = np.frombuffer(raw, dtype=">i4", count=ndim, offset=4)
+    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def _read_fashion_mnist(split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Debian's Fashion-MNIST idx files -> (uint8 images (N, 28, 28), uint8 labels (N,))."""
+    if split not in FASHION_MNIST_FILES:
+        raise ValueError(f"unknown split {split!r} for fashion_mnist: available splits are {list(FASHION_MNIST_FILES)}")
+    images_file, labels_file = FASHION_MNIST_FILES[split]
+    return _read_idx_ubyte(FASHION_MNIST_DIR / images_file), _read_idx_ubyte(FASHION_MNIST_DIR / labels_file)
+
+
+def _fashion_mnist_dataset(split: str) -> datasets.Dataset:
+    """The Debian files as a `datasets.Dataset` (image: 28x28 uint8 nested lists, label: ClassLabel), for streaming."""
+    images, labels = _read_fashion_mnist(split)
+    _, height, width = images.shape
+    rows = pa.FixedSizeListArray.from_arrays(pa.array(images.reshape(-1)), width)
+    table = pa.table({"image": pa.FixedSizeListArray.from_arrays(rows, height), "label": labels.astype(np.int64)})
+    features = datasets.Features(
+        {
+            "image": datasets.List(datasets.List(datasets.Value("uint8"), length=width), length=height),
+            "label": datasets.ClassLabel(names=FASHION_MNIST_CLASSES),
+        }
+    )
+    return datasets.Dataset(table, info=datasets.DatasetInfo(features=features))
+
+
+def _select_split(splits: datasets.DatasetDict | datasets.Dataset, split: str, source: str) -> datasets.Dataset:
+    if isinstance(splits, datasets.Dataset):  # a save_to_disk folder holding one split; "train" when unnamed
+        splits = datasets.DatasetDict({str(splits.split or "train"): splits})
+    if split not in splits:
+        raise ValueError(
+            f"unknown split {split!r} in {source!r}: available splits are {list(splits)}; pass one of them"
+        )
+    return splits[split]
+
+
+def _load_split(source: str, split: str) -> datasets.Dataset:
+    """Find `source` (built-in name, local folder, save_to_disk folder or Hub id) and return its `split`."""
+    if _fashion_mnist_is_local(source):
+        return _fashion_mnist_dataset(split)
+    source = BUILTIN_DATASETS.get(source, source)
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+            return _select_split(datasets.load_from_disk(str(path)), split, source)
+        try:  # an image folder (class sub-folders give the labels) or a folder of parquet/csv/json files
+            return _select_split(datasets.load_dataset(str(path)), split, source)
+        except FileNotFoundError as error:  # datasets' EmptyDatasetError / DataFilesNotFoundError
+            raise FileNotFoundError(
+                f"no dataset files found in folder {source!r} ({error}): put images in class sub-folders "
+                "(imagefolder layout) or pass a save_to_disk folder"
+            ) from error
+    if path.exists():
+        raise ValueError(f"dataset source {source!r} is a file: pass the folder that contains it")
+    if not _HUB_ID.match(source):
+        raise FileNotFoundError(f"dataset folder {source!r} does not exist: check the path")
+    try:
+        return datasets.load_dataset(source, split=split)
+    except ValueError as error:  # an unknown split or a missing config name; datasets lists the choices
+        raise ValueError(f"could not load split {split!r} of Hub dataset {source!r}: {error}") from error
+    except OSError as error:  # not found, gated, no network, offline mode (all OSError subclasses)
+        raise FileNotFoundError(
+            f"could not find or load dataset {source!r}: no local folder of that name exists and loading it from "
+            f"the Hugging Face Hub failed ({type(error).__name__}: {error}). Pass a local image folder, a "
+            f"save_to_disk folder, or a built-in name ({', '.join(BUILTIN_DATASETS)})"
+        ) from error
+
+
+def _is_pixel_array(feature: Any) -> bool:
+    array_features = (datasets.List, datasets.Sequence, datasets.LargeList, datasets.Array2D, datasets.Array3D)
+    return isinstance(feature, array_features)
+
+
+def _find_image_column(ds: datasets.Dataset, image_column: str | None) -> str:
+    columns = list(ds.features)
+    if image_column is not None:
+        if image_column not in ds.features:
+            raise ValueError(f"image column {image_column!r} not found: the columns are {columns}")
+        feature = ds.features[image_column]
+        if not (isinstance(feature, datasets.Image) or _is_pixel_array(feature)):
+            raise ValueError(
+                f"column {image_column!r} holds {feature}, not images: pick an image column from {columns}"
+            )
+        return image_column
+    for name, feature in ds.features.items():
+        if isinstance(feature, datasets.Image):
+            return name
+    for name in IMAGE_COLUMN_NAMES:
+        if name in ds.features:
+            return name
+    raise ValueError(f"no image column found among the columns {columns}: pass image_column (--image-column)")
+
+
+def _find_label_column(ds: datasets.Dataset, label_column: str | None) -> str | None:
+    if label_column is not None:
+        if label_column not in ds.features:
+            raise ValueError(f"label column {label_column!r} not found: the columns are {list(ds.features)}")
+        return label_column
+    for name, feature in ds.features.items():
+        if isinstance(feature, datasets.ClassLabel):
+            return name
+    return next((name for name in LABEL_COLUMN_NAMES if name in ds.features), None)
+
+
+def _class_labels(ds: datasets.Dataset, label_column: str) -> tuple[datasets.Dataset, list[str] | None]:
+    """Make the label column integer class ids: ClassLabel and integers as they are, strings encoded (sorted)."""
+    feature = ds.features[label_column]
+    if isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string"):
+        ds = ds.class_encode_column(label_column)
+        feature = ds.features[label_column]
+    if isinstance(feature, datasets.ClassLabel):
+        return ds, list(feature.names)
+    if isinstance(feature, datasets.Value) and pa.types.is_integer(feature.pa_type):
+        return ds, None
+    raise ValueError(
+        f"label column {label_column!r} holds {feature}: expected integer class ids or class-name strings; "
+        "pass another label_column (--label-column)"
+    )
+
+
+def open_image_dataset(
+    source: str, split: str = "train", *, image_column: str | None = None, label_column: str | None = None
+) -> tuple[datasets.Dataset, str, str | None, list[str] | None]:
+    """Open `split` of `source` without decoding: (dataset, image column, label column or None, class names or None).
+
+    An image column of the `datasets.Image` feature is cast to `decode=False`, so `decode_image` receives the raw
+    bytes/path and one corrupt file does not abort a whole batch. Labels come out as integer class ids.
+    """
+    ds = _load_split(source, split)
+    if len(ds) == 0:
+        raise ValueError(f"split {split!r} of {source!r} is empty: pick another split")
+    image_column = _find_image_column(ds, image_column)
+    label_column = _find_label_column(ds, label_column)
+    class_names = None
+    if label_column is not None:
+        ds, class_names = _class_labels(ds, label_column)
+    if isinstance(ds.features[image_column], datasets.Image):
+        ds = ds.cast_column(image_column, datasets.Image(decode=False))
+    return ds, image_column, label_column, class_names
+
+
+# ---------------------------------------------------------------------------------------------- decoding
+
+
+class CorruptImageError(ValueError):
+    """A row's image bytes could not be decoded."""
+
+
+def _open_cell(value: Any) -> Image.Image:
+    """One cell of an image column: {"bytes", "path"} (Image feature, decode=False), a PIL image or a pixel array."""
+    if isinstance(value, Image.Image):
+        return value
+    if isinstance(value, dict):
+        return Image.open(io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"])
+    pixels = np.asarray(value)
+    if pixels.dtype != np.uint8:
+        if not np.issubdtype(pixels.dtype, np.integer) or pixels.min() < 0 or pixels.max() > 255:
+            raise ValueError(f"pixel arrays must hold 8-bit values (0-255), got {pixels.dtype}: store images instead")
+        pixels = pixels.astype(np.uint8)
+    if pixels.ndim == 3 and pixels.shape[-1] == 1:
+        pixels = pixels[..., 0]
+    if not (pixels.ndim == 2 or (pixels.ndim == 3 and pixels.shape[-1] in (3, 4))):
+        raise ValueError(f"pixel arrays must be (H, W) or (H, W, 3 or 4), PIL's layout; got shape {pixels.shape}")
+    return Image.fromarray(pixels)
+
+
+def _convert_mode(image: Image.Image, channels: int) -> Image.Image:
+    """Any PIL mode -> "L" (channels=1) or "RGB" (channels=3)."""
+    target = "L" if channels == 1 else "RGB"
+    if image.mode in _SIXTEEN_BIT_MODES:
+        wide = np.asarray(image, dtype=np.uint32)
+        image = Image.fromarray(((wide + 128) // 257).astype(np.uint8))  # 0..65535 -> 0..255, rounded
+    elif image.mode in ("P", "PA"):
+        image = image.convert("RGBA")  # resolves the palette and its transparency
+    return image if image.mode == target else image.convert(target)
+
+
+def _fit_size(image: Image.Image, image_size: int) -> Image.Image:
+    """Resize the shorter side to `image_size` (bicubic) and center-crop a square; never upsample."""
+    width, height = image.size
+    if min(width, height) < image_size:
+        raise ValueError(
+            f"an image of size {width}x{height} is smaller than the requested image size {image_size}: "
+            f"lower --image-size (image_size) to at most {min(width, height)}"
+        )
+    if (width, height) == (image_size, image_size):
+        return image
+    # Same output-size and crop-offset arithmetic as torchvision's Resize(size) + CenterCrop(size).
+    if width <= height:
+        new_size = (image_size, int(image_size * height / width))
+    else:
+        new_size = (int(image_size * width / height), image_size)
+    if new_size != image.size:
+        image = image.resize(new_size, Image.Resampling.BICUBIC)
+    left = int(round((new_size[0] - image_size) / 2.0))
+    top = int(round((new_size[1] - image_size) / 2.0))
+    return image.crop((left, top, left + image_size, top + image_size))
+
+
+def decode_image(value: Any, channels: int = 3, image_size: int | None = None) -> np.ndarray:
+    """One image cell -> uint8 array (C, H, W) with `channels` channels, fitted to `image_size` when given.
+
+    Raises CorruptImageError when the bytes cannot be decoded, ValueError when the image is too small.
+    """
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels}")
+    try:
+        image = _convert_mode(_open_cell(value), channels)  # convert() forces PIL's lazy decoding
+    except (OSError, SyntaxError, Image.DecompressionBombError) as error:  # PIL's errors for broken files
+        where = value.get("path") if isinstance(value, dict) else None
+        raise CorruptImageError(f"cannot decode image ({where or 'embedded bytes'}): {error}") from error
+    if image_size is not None:
+        image = _fit_size(image, image_size)
+    pixels = np.asarray(image, dtype=np.uint8)
+    return np.array(pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1), order="C")  # a writable copy
+
+
+# ---------------------------------------------------------------------------------------------- in memory
+
+
+def _fashion_mnist_image_data(split: str, channels: int, image_size: int | None, max_samples: int | None) -> ImageData:
+    """The Debian idx files straight into tensors (< 1 s for 60k images at their own 28x28 size)."""
+    images, labels = _read_fashion_mnist(split)
+    images, labels = images[:max_samples], labels[:max_samples]
+    if image_size in (None, images.shape[-1]):
+        tensor = torch.from_numpy(images.copy()).unsqueeze(1)
+        if channels == 3:
+            tensor = tensor.expand(-1, 3, -1, -1).contiguous()  # what PIL's "L" -> "RGB" does: copy the gray value
+    else:
+        tensor = torch.from_numpy(np.stack([decode_image(image, channels, image_size) for image in images]))
+    return ImageData(tensor, torch.from_numpy(labels.astype(np.int64)), list(FASHION_MNIST_CLASSES))
+
+
+def load_image_data(
+    source: str,
+    split: str = "train",
+    *,
+    image_column: str | None = None,
+    label_column: str | None = None,
+    channels: int = 3,
+    image_size: int | None = None,
+    max_samples: int | None = None,
+) -> ImageData:
+    """Load `split` of `source` and decode all its images once into a uint8 (N, C, H, W) tensor.
+
+    Without `image_size` all images must share one size; with it, larger or unequal images are resized
+    (shorter side, bicubic) and center-cropped to image_size x image_size. Rows whose image cannot be
+    decoded are skipped and counted in `ImageData.skipped`. `max_samples` keeps the first N rows.
+    """
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels}")
+    if max_samples is not None and max_samples < 1:
+        raise ValueError(f"max_samples must be a positive integer, got {max_samples}")
+    if _fashion_mnist_is_local(source) and image_column in (None, "image") and label_column in (None, "label"):
+        return _fashion_mnist_image_data(split, channels, image_size, max_samples)
+
+    ds, image_column, label_column, class_names = open_image_dataset(
+        source, split, image_column=image_column, label_column=label_column
+    )
+    if max_samples is not None:
+        ds = ds.select(range(min(max_samples, len(ds))))
+    images, kept = [], []
+    for row, value in enumerate(ds[image_column]):
+        try:
+            pixels = decode_image(value, channels, image_size)
+        except CorruptImageError as error:
+            logger.debug("skipping row %d of %s: %s", row, source, error)
+            continue
+        if images and pixels.shape != images[0].shape:
+            raise ValueError(
+                f"images in {source!r} differ in size ({images[0].shape[1:]} in row {kept[0]}, {pixels.shape[1:]} in "
+                f"row {row}): pass image_size (--image-size) to resize and center-crop them to one size"
+            )
+        images.append(pixels)
+        kept.append(row)
+    skipped = len(ds) - len(kept)
+    if skipped:
+        logger.warning(
+            "skipped %d of %d rows of %r (split %r) whose image could not be decoded", skipped, len(ds), source, split
+        )
+    if not images:
+        raise ValueError(f"no image of split {split!r} of {source!r} could be decoded: check the files")
+    labels = None
+    if label_column is not None:
+        labels = torch.as_tensor(np.asarray(ds[label_column], dtype=np.int64)[kept])
+    return ImageData(torch.from_numpy(np.stack(images)), labels, class_names, skipped)
+
+
+# ---------------------------------------------------------------------------------------------- streaming
+
+
+class StreamingImageDataset(torch.utils.data.Dataset):
+    """Decode one row at a time (in DataLoader workers) for datasets that do not fit in memory.
+
+    Items are (uint8 image (C, image_size, image_size), int label; NO_LABEL without a label column); with
+    image_size=None the images are not resized and must already share one size. Batches then
+    go through `TwoViewAugmentation` on the training device. A row whose image cannot be decoded is replaced by
+    the next decodable row (with a warning), so one bad file does not stop a long run.
+    """
+
+    def __init__(
+        self,
+        dataset: datasets.Dataset,
+        image_column: str,
+        label_column: str | None = None,
+        *,
+        channels: int = 3,
+        image_size: int | None,
+        class_names: list[str] | None = None,
+    ) -> None:
+        self.dataset, self.image_column, self.label_column = dataset, image_column, label_column
+        self.channels, self.image_size, self.class_names = channels, image_size, class_names
+
+    @classmethod
+    def from_source(
+        cls,
+        source: str,
+        split: str = "train",
+        *,
+        image_column: str | None = None,
+        label_column: str | None = None,
+        channels: int = 3,
+        image_size: int | None,
+    ) -> StreamingImageDataset:
+        """Open `split` of `source` with `open_image_dataset` (same sources and column detection as load_image_data)."""
+        ds, image_column, label_column, class_names = open_image_dataset(
+            source, split, image_column=image_column, label_column=label_column
+        )
+        return cls(ds, image_column, label_column, channels=channels, image_size=image_size, class_names=class_names)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        for offset in range(len(self)):
+            row = self.dataset[(index + offset) % len(self)]
+            try:
+                pixels = decode_image(row[self.image_column], self.channels, self.image_size)
+            except CorruptImageError as error:
+                logger.warning("row %d: %s; using the next row instead", (index + offset) % len(self), error)
+                continue
+            label = NO_LABEL if self.label_column is None else int(row[self.label_column])
+            return torch.from_numpy(pixels), label
+        raise ValueError("no image in this dataset could be decoded: check the files")
