@@ -20,16 +20,18 @@ SMALL_RESNETS = ("resnet18_small", "resnet34_small", "resnet50_small")
 class SmallStemResNet(ResNet):
     """timm ResNet with the CIFAR stem: one 3x3 stride-1 convolution, no max-pool (32x32 -> 4x4 at layer4)."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        stem_width = self.conv1.out_channels
-        self.conv1 = nn.Conv2d(self.conv1.in_channels, stem_width, kernel_size=3, stride=1, padding=1, bias=False)
+    def __init__(self, *args: Any, stem_width: int = 64, **kwargs: Any) -> None:
+        # timm's single-conv stem is always 64 wide; only its deep-stem path sizes the stem (and layer1's input)
+        # as 2 * stem_width. Build that path, then replace its three convs by the single small-image conv.
+        if stem_width % 2:
+            raise ValueError(f"stem_width={stem_width} (channels[0]) is invalid; allowed: an even integer.")
+        super().__init__(*args, stem_width=stem_width // 2, stem_type="deep", **kwargs)
+        self.conv1 = nn.Conv2d(self.in_chans, stem_width, kernel_size=3, stride=1, padding=1, bias=False)
         nn.init.kaiming_normal_(self.conv1.weight, mode="fan_out", nonlinearity="relu")
         self.maxpool = nn.Identity()
         # The stem no longer reduces resolution: every stage's reduction is 4x smaller.
         for info in self.feature_info:
             info["reduction"] = max(1, info["reduction"] // 4)
-        self.feature_info[0]["num_chs"] = stem_width
 
 
 def _small_cfg() -> dict[str, Any]:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import timm
 from transformers import PreTrainedConfig
+
+from .backbones import SMALL_RESNETS  # importing it registers the small-image ResNets with timm
 
 OBJECTIVES = ("simclr", "barlow_twins")
 
@@ -98,7 +101,12 @@ class IBProjConfig(PreTrainedConfig):
         """Reject bad settings at construction, naming the field and what it accepts."""
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective={self.objective!r} is unknown; allowed values: {', '.join(OBJECTIVES)}.")
-        _require(isinstance(self.backbone, str) and self.backbone != "", "backbone", self.backbone, "a timm model name")
+        _require(
+            isinstance(self.backbone, str) and timm.is_model(self.backbone),
+            "backbone",
+            self.backbone,
+            f"a timm architecture name (timm.list_models()) or one of hf_ibproj's {', '.join(SMALL_RESNETS)}",
+        )
         _require(self.num_views >= 2, "num_views", self.num_views, "an integer >= 2 (contrastive learning needs pairs)")
         _require(self.mi_weight >= 0, "mi_weight", self.mi_weight, "a float >= 0 (0 turns the MI penalty off)")
         _require(self.mi_alpha > 0, "mi_alpha", self.mi_alpha, "a float > 0 (the paper uses 2)")

@@ -16,9 +16,7 @@ def _float_at_least_32(z: torch.Tensor) -> torch.Tensor:
     return z if z.dtype in (torch.float32, torch.float64) else z.float()
 
 
-@torch.autocast("cuda", enabled=False)
-@torch.autocast("cpu", enabled=False)
-def normalized_gram(z: torch.Tensor) -> torch.Tensor:
+def _normalized_gram(z: torch.Tensor) -> torch.Tensor:
     """K = Zh Zh^T with Zh the row-normalized Z (step 1-2 of section 2); an all-zero row stays zero."""
     zh = F.normalize(_float_at_least_32(z.flatten(1)), dim=1)
     return zh @ zh.T
@@ -27,13 +25,18 @@ def normalized_gram(z: torch.Tensor) -> torch.Tensor:
 def _entropy_of_gram(k: torch.Tensor, alpha: float) -> torch.Tensor:
     """H_alpha(A) for A = K / tr(K) (section 2, steps 2-3); 0 for a constant variable (every row zero)."""
     trace = k.diagonal().sum()
-    a = k / trace.clamp_min(_TINY)
     if alpha == 2:
-        # H_2(A) = -log ||A||_F^2: no matrix power, no eigendecomposition, O(n^2).
-        entropy = -torch.log(a.pow(2).sum().clamp_min(_TINY))
+        # H_2(A) = -log ||A||_F^2 = log(tr(K)^2 / ||K||_F^2): no matrix power, no eigendecomposition, and
+        # not even A = K / tr(K): one read of K (a dot product), no n x n temporary.
+        flat = k.flatten()
+        entropy = torch.log(trace.square().clamp_min(_TINY) / torch.dot(flat, flat).clamp_min(_TINY))
     else:
+        a = k / trace.clamp_min(_TINY)
         eigenvalues = torch.linalg.eigvalsh(a)
-        positive = eigenvalues > 0  # A is PSD: the rest are rounding noise around 0 and contribute nothing
+        # A is PSD: eigenvalues below the rounding noise of eigvalsh (matrix_rank's tolerance) are zero. Counting
+        # that noise as mass would bias alpha < 1 (l^alpha amplifies tiny l) whenever n > rank, e.g. n > d.
+        tolerance = eigenvalues[-1].detach() * a.shape[0] * torch.finfo(a.dtype).eps
+        positive = eigenvalues > tolerance
         safe = torch.where(positive, eigenvalues, torch.ones_like(eigenvalues))  # finite gradients at 0
         if alpha == 1:
             # von Neumann entropy -sum(l log l)
@@ -54,7 +57,7 @@ def _check_alpha(alpha: float) -> None:
 def matrix_renyi_entropy(z: torch.Tensor, alpha: float = 2.0) -> torch.Tensor:
     """Matrix Renyi entropy H_alpha of a batch of rows `z` (n, d); at most log(n)."""
     _check_alpha(alpha)
-    return _entropy_of_gram(normalized_gram(z), alpha)
+    return _entropy_of_gram(_normalized_gram(z), alpha)
 
 
 @torch.autocast("cuda", enabled=False)
@@ -62,7 +65,7 @@ def matrix_renyi_entropy(z: torch.Tensor, alpha: float = 2.0) -> torch.Tensor:
 def matrix_joint_entropy(z1: torch.Tensor, z2: torch.Tensor, alpha: float = 2.0) -> torch.Tensor:
     """Joint entropy H_alpha(A1, A2) through the Hadamard product of the two Gram matrices (section 2, step 4)."""
     _check_alpha(alpha)
-    return _entropy_of_gram(normalized_gram(z1) * normalized_gram(z2), alpha)
+    return _entropy_of_gram(_normalized_gram(z1) * _normalized_gram(z2), alpha)
 
 
 @torch.autocast("cuda", enabled=False)
@@ -72,7 +75,7 @@ def matrix_mutual_information(z1: torch.Tensor, z2: torch.Tensor, alpha: float =
     _check_alpha(alpha)
     if z1.shape[0] != z2.shape[0]:
         raise ValueError(f"z1 and z2 must have the same number of rows, got {z1.shape[0]} and {z2.shape[0]}.")
-    k1, k2 = normalized_gram(z1), normalized_gram(z2)
+    k1, k2 = _normalized_gram(z1), _normalized_gram(z2)
     mutual_information = _entropy_of_gram(k1, alpha) + _entropy_of_gram(k2, alpha) - _entropy_of_gram(k1 * k2, alpha)
     # A constant variable (every row zero) shares no information.
     return torch.where((k1.diagonal().sum() > 0) & (k2.diagonal().sum() > 0), mutual_information, 0)

@@ -48,22 +48,30 @@ class IBProjPreTrainedModel(PreTrainedModel):
     input_modalities = ("image",)
 
     def _init_weights(self, module: nn.Module) -> None:
-        """Re-create a module's own default initialization (timm's for the backbone).
+        """Initialize the tensors of `module` that a checkpoint did not provide, as their own library would.
 
         transformers' default draws N(0, 0.02) for every Linear/Conv; that would overwrite timm's scheme.
-        This runs for a fresh model (where `__init__` marks all tensors initialized, so nothing changes) and
-        for keys missing from a checkpoint. transformers guards the torch.nn.init functions during this call,
-        so only tensors that were not loaded are touched.
+        A fresh model never gets here (`__init__` marks every tensor initialized). For keys missing from a
+        checkpoint, backbone tensors are copied from a freshly built timm model: timm's own scheme, and safe,
+        because timm's init functions (trunc_normal_ ...) are not guarded by transformers, so calling the
+        backbone's `init_weights` would overwrite the loaded tensors too. Projector tensors get their module's
+        torch default. transformers guards `init.*` and torch.nn.init here: loaded tensors are never touched.
         """
-        if isinstance(module, _NORMS):
+        backbone = getattr(self, "backbone", None)
+        paths = {id(m): name for name, m in backbone.named_modules()} if backbone is not None else {}
+        backbone_path = paths.get(id(module))
+        if backbone_path is not None:
+            fresh = create_backbone(self.config.backbone, **self.config.backbone_kwargs).get_submodule(backbone_path)
+            fresh_tensors = {**dict(fresh.named_parameters(recurse=False)), **dict(fresh.named_buffers(recurse=False))}
+            for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+                init.copy_(tensor, fresh_tensors[name])
+        elif isinstance(module, _NORMS):
             for name, fill in (("weight", init.ones_), ("bias", init.zeros_), ("running_mean", init.zeros_),
-                               ("running_var", init.ones_)):
+                               ("running_var", init.ones_), ("num_batches_tracked", init.zeros_)):
                 if getattr(module, name, None) is not None:
                     fill(getattr(module, name))
         elif hasattr(module, "reset_parameters"):
             module.reset_parameters()
-        if module is getattr(self, "backbone", None) and hasattr(module, "init_weights"):
-            module.init_weights()
 
 
 class IBProjModel(IBProjPreTrainedModel):
@@ -74,8 +82,11 @@ class IBProjModel(IBProjPreTrainedModel):
         self.backbone = create_backbone(config.backbone, **config.backbone_kwargs)
         self.projector = Projector(config, self.backbone.num_features)
         # timm and torch have initialized every tensor: keep that initialization (see `_init_weights`).
+        # Not on the meta device (from_pretrained): there a flagged tensor counts as loaded, so a key missing
+        # from the checkpoint would stay on meta instead of being initialized.
         for tensor in [*self.parameters(), *self.buffers()]:
-            tensor._is_hf_initialized = True
+            if not tensor.is_meta:
+                tensor._is_hf_initialized = True
         self.post_init()
 
     @property

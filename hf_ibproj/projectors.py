@@ -76,7 +76,10 @@ class FSQuantizer(nn.Module):
         self.levels = levels
         self.half = (levels - 1) * (1 - 1e-3) / 2
         self.offset = 0.5 if levels % 2 == 0 else 0.0
-        self.shift = math.atanh(self.offset / self.half)
+        # atanh puts level 0 at z = 0 (b(0) = 0); for L = 2 its argument exceeds 1 (undefined), so L = 2 uses
+        # the released code's tan, which gives the same two levels {-1, 0}.
+        ratio = self.offset / self.half
+        self.shift = math.atanh(ratio) if ratio < 1 else math.tan(ratio)
 
     def bound(self, z: torch.Tensor) -> torch.Tensor:
         """The smooth map b = tanh(z + shift) * half - offset whose rounding gives the levels."""
