@@ -1,0 +1,91 @@
+"""Wall time of the frozen-backbone evaluation of the CPU preset's backbone on Fashion-MNIST (target <= 3 minutes).
+
+The backbone is the CPU preset's: resnet18_small, in_chans=1, channels=(32, 64, 128, 256), at 28x28 (untrained
+by default; pass --model RUN to time a trained one, whose features may need a different number of L-BFGS steps).
+The phases are those of `hf_ibproj.evaluation.evaluate_backbone`: feature extraction of the 60k train and 10k test
+images, the linear probe (weight decay chosen on a validation split, then refit), and the weighted kNN.
+
+    .venv/bin/python benchmarks/eval_speed.py            # full run, prints the timings and writes JSON
+    .venv/bin/python benchmarks/eval_speed.py --smoke    # seconds: a few hundred images
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from hf_ibproj.backbones import create_backbone
+from hf_ibproj.data import load_image_data
+from hf_ibproj.evaluation import PRECISIONS, check_labels, extract_features, knn_accuracy, linear_probe, load_backbone
+
+TARGET_SECONDS = 180
+PRESET_BACKBONE = {"in_chans": 1, "channels": (32, 64, 128, 256)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="a few hundred images: checks the script runs")
+    parser.add_argument("--model", default=None, help="a trained run / saved model / exported backbone folder")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto")
+    parser.add_argument("--batch-size", type=int, default=512)
+    parser.add_argument("--output", type=Path, default=None, help="JSON report (default: benchmarks/out/)")
+    args = parser.parse_args()
+    default_name = "eval_speed_smoke.json" if args.smoke else "eval_speed.json"
+    output = args.output or Path(__file__).parent / "out" / default_name
+    max_samples = (512, 256) if args.smoke else (None, None)
+
+    load_start = os.getloadavg()[0]
+    timings = {}
+    start = time.perf_counter()
+    if args.model:
+        backbone, preprocessing = load_backbone(args.model)
+        mean, std = preprocessing["mean"], preprocessing["std"]
+    else:
+        torch.manual_seed(0)
+        backbone, mean, std = create_backbone("resnet18_small", **PRESET_BACKBONE), (0.5,), (0.5,)
+    train, test = (load_image_data("fashion_mnist", split, channels=1, max_samples=limit)
+                   for split, limit in zip(("train", "test"), max_samples))
+    num_classes = check_labels(train, test)
+    timings["load_data_s"] = time.perf_counter() - start
+
+    phase = time.perf_counter()
+    train_features = extract_features(backbone, train.images, mean, std, args.batch_size, precision=args.precision)
+    test_features = extract_features(backbone, test.images, mean, std, args.batch_size, precision=args.precision)
+    timings["extract_features_s"] = time.perf_counter() - phase
+    phase = time.perf_counter()
+    linear = linear_probe(train_features, train.labels, test_features, test.labels, num_classes)
+    timings["linear_probe_s"] = time.perf_counter() - phase
+    phase = time.perf_counter()
+    knn = knn_accuracy(train_features, train.labels, test_features, test.labels, num_classes)
+    timings["knn_s"] = time.perf_counter() - phase
+    timings["total_s"] = time.perf_counter() - start
+
+    report = {
+        "smoke": args.smoke,
+        "model": args.model or "resnet18_small channels=(32,64,128,256) in_chans=1, untrained (seed 0)",
+        "num_train": len(train), "num_test": len(test), "num_features": train_features.shape[1],
+        "precision": args.precision, "batch_size": args.batch_size,
+        "extract_images_per_s": (len(train) + len(test)) / timings["extract_features_s"],
+        **{key: round(value, 2) for key, value in timings.items()},
+        "linear": linear, "knn": knn,
+        "target_s": TARGET_SECONDS, "target_met": None if args.smoke else timings["total_s"] <= TARGET_SECONDS,
+        "torch_threads": torch.get_num_threads(), "load_average_start": load_start,
+        "load_average_end": os.getloadavg()[0], "cpu": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+    }
+    print(json.dumps(report, indent=2))
+    verdict = {None: "not judged on a smoke run", True: "MET", False: "MISSED"}[report["target_met"]]
+    print(f"total {timings['total_s']:.1f} s for {len(train)} + {len(test)} images "
+          f"(target <= {TARGET_SECONDS} s on the full data: {verdict})")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
