@@ -284,6 +284,9 @@ def evaluate_backbone(
     num_classes = check_labels(train, test)
     train_features = extract_features(backbone, train.images, mean, std, batch_size, device, precision)
     test_features = extract_features(backbone, test.images, mean, std, batch_size, device, precision)
+    if not (torch.isfinite(train_features).all() and torch.isfinite(test_features).all()):
+        raise ValueError("the backbone produced non-finite features (NaN or inf): its weights have diverged; "
+                         "evaluate an earlier checkpoint or retrain with a lower learning rate.")
     linear = linear_probe(train_features, train.labels, test_features, test.labels, num_classes, seed=seed)
     knn = knn_accuracy(train_features, train.labels, test_features, test.labels, num_classes, knn_k, knn_temperature)
     return {

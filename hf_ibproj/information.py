@@ -7,7 +7,6 @@ All math runs in float32 or better, whatever the autocast dtype. Values are in n
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 _TINY = torch.finfo(torch.float32).tiny
 
@@ -16,9 +15,20 @@ def _float_at_least_32(z: torch.Tensor) -> torch.Tensor:
     return z if z.dtype in (torch.float32, torch.float64) else z.float()
 
 
+def normalize_rows(z: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Rows scaled to unit L2 norm; rows with norm <= eps (e.g. an all-zero FSQ code) become 0 with ZERO gradient.
+
+    F.normalize divides a zero row by its eps, so the gradient reaching that row is multiplied by 1 / eps
+    (1e12): one all-zero quantized projection then blows the weights up in a single step.
+    """
+    norm = z.norm(dim=-1, keepdim=True)
+    nonzero = norm > eps
+    return torch.where(nonzero, z / torch.where(nonzero, norm, torch.ones_like(norm)), torch.zeros_like(z))
+
+
 def _normalized_gram(z: torch.Tensor) -> torch.Tensor:
     """K = Zh Zh^T with Zh the row-normalized Z (step 1-2 of section 2); an all-zero row stays zero."""
-    zh = F.normalize(_float_at_least_32(z.flatten(1)), dim=1)
+    zh = normalize_rows(_float_at_least_32(z.flatten(1)))
     return zh @ zh.T
 
 

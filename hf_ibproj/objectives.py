@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
-import torch.nn.functional as F
+
+from .information import normalize_rows
 
 _BATCH_NORM_EPS = 1e-5  # nn.BatchNorm1d's default, as in the paper's BatchNorm1d(affine=False)
 
@@ -40,7 +41,7 @@ def nt_xent_loss(views: torch.Tensor, tau: float = 0.2, gather_distributed: bool
     s the cosine similarity; for V = 2 this is SimCLR's loss (paper tau = 0.2).
     """
     _check_views(views)
-    z = F.normalize(views.float(), dim=-1)
+    z = normalize_rows(views.float())
     num_views, batch, dim = z.shape
     candidates, offset = z, 0
     if _distributed(gather_distributed):

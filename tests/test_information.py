@@ -248,3 +248,22 @@ def test_mi_term_added_with_its_weight():
     expected_mi = ref_mi(out.encoder_features.detach().numpy(), out.projections.detach().numpy(), 2.0)
     assert out.mi_loss.item() == pytest.approx(expected_mi, abs=1e-4)
     assert out.loss.item() == pytest.approx(out.ssl_loss.item() + 0.5 * expected_mi, abs=1e-4)
+
+
+def test_all_zero_rows_pass_no_exploding_gradient():
+    """An all-zero projection (an FSQ code of zeros) must not multiply its gradient by 1 / eps (F.normalize's 1e12)."""
+    from hf_ibproj import nt_xent_loss
+
+    torch.manual_seed(0)
+    z1 = torch.randn(8, 5, requires_grad=True)
+    z2 = torch.randn(8, 4)
+    z2[2] = 0
+    z2.requires_grad_(True)
+    matrix_mutual_information(z1, z2).backward()
+    assert torch.all(z2.grad[2] == 0)
+    assert z2.grad.abs().max() < 100 and z1.grad.abs().max() < 100
+    views = torch.randn(2, 6, 4)
+    views[1, 3] = 0
+    views.requires_grad_(True)
+    nt_xent_loss(views).backward()
+    assert torch.all(views.grad[1, 3] == 0) and views.grad.abs().max() < 100
