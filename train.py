@@ -79,16 +79,18 @@ def resolve_run_dir(config: TrainConfig, state: PartialState, resume: bool) -> P
 def load_data(config: TrainConfig, accelerator: Accelerator) -> tuple[ImageData | None, ImageData | None, object]:
     """Training data (decoded once in memory, or a per-sample dataset for `--streaming`) and the held-out split."""
     common = dict(image_column=config.image_column, label_column=config.label_column, channels=config.channels,
-                  image_size=config.image_size, max_samples=config.max_samples)
+                  image_size=config.image_size)
     with accelerator.main_process_first():
-        held_out = load_image_data(config.dataset, config.eval_split, **common) if config.eval_split else None
+        held_out = None
+        if config.eval_split:
+            held_out = load_image_data(config.dataset, config.eval_split, max_samples=config.eval_max_samples, **common)
         if config.streaming:
             stream = StreamingImageDataset.from_source(
                 config.dataset, config.train_split, image_column=config.image_column,
                 label_column=config.label_column, channels=config.channels, image_size=config.image_size,
             )
             return None, held_out, stream
-        train = load_image_data(config.dataset, config.train_split, **common)
+        train = load_image_data(config.dataset, config.train_split, max_samples=config.max_samples, **common)
     if train.skipped:
         accelerator.print(f"skipped {train.skipped} corrupt image(s) in {config.dataset}:{config.train_split}")
     return train, held_out, None
@@ -141,7 +143,9 @@ def knn_monitor(backbone: torch.nn.Module, train: ImageData, held_out: ImageData
 def main(argv: list[str] | None = None) -> int:
     config, args = parse_train_config(argv)
     cpu = not torch.cuda.is_available()
-    run_dir = resolve_run_dir(config, PartialState(cpu=cpu), args.resume)
+    state = PartialState(cpu=cpu)
+    run_dir = resolve_run_dir(config, state, args.resume)
+    config.mixed_precision = config.resolve_mixed_precision(state.device)
     accelerator = Accelerator(
         cpu=cpu,
         mixed_precision=config.mixed_precision,

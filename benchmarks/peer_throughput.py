@@ -92,7 +92,7 @@ def lightly_rate(config: TrainConfig, steps: int, warmup: int) -> float:
     criterion = NTXentLoss(temperature=config.nt_xent_tau)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.06 * config.batch_size / 256, momentum=0.9,
                                 weight_decay=5e-4)
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.mixed_precision == "bf16")
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.resolve_mixed_precision(torch.device("cpu")) == "bf16")
     started = None
     for step, ((view_a, view_b), _) in enumerate(loader):
         with autocast:

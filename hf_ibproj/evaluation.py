@@ -32,6 +32,7 @@ from .backbones import create_backbone
 from .configuration_ibproj import IBProjConfig
 from .data import ImageData, load_image_data
 from .modeling_ibproj import IBProjModel
+from .runs import has_native_bf16
 
 WEIGHT_DECAY_GRID = (1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -74,7 +75,7 @@ def extract_features(
     backbone.to(device=device, memory_format=torch.channels_last)
     mean_t = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
     std_t = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
-    use_bf16 = precision == "bf16" or (precision == "auto" and _has_native_bf16(device))
+    use_bf16 = precision == "bf16" or (precision == "auto" and has_native_bf16(device))
     was_training = backbone.training
     backbone.eval()
     features = []
@@ -85,15 +86,6 @@ def extract_features(
             features.append(backbone(batch).float().cpu())
     backbone.train(was_training)
     return torch.cat(features) if features else torch.empty(0, 0)
-
-
-def _has_native_bf16(device: torch.device) -> bool:
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":  # torch exposes these CPU feature probes only as private helpers; absent means no
-        probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-        return any(probe() for probe in probes if probe is not None)
-    return False
 
 
 # --------------------------------------------------------------------------------------------- kNN

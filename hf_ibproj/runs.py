@@ -36,6 +36,16 @@ def hardware_summary(device: torch.device, num_processes: int) -> str:
     return f"{num_processes} x {name}"
 
 
+def has_native_bf16(device: torch.device) -> bool:
+    """Whether bf16 autocast is fast here: CUDA with bf16, or a CPU with AVX512-BF16 / AMX (else it is slower)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":  # torch exposes these CPU feature probes only as private helpers; absent means no
+        probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+        return any(probe() for probe in probes if probe is not None)
+    return False
+
+
 def write_yaml(path: Path, values: dict[str, Any]) -> None:
     write_atomically(path, yaml.safe_dump(values, sort_keys=False))
 

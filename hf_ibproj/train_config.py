@@ -8,9 +8,11 @@ import typing
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from .configuration_ibproj import IBProjConfig
+from .runs import has_native_bf16
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_PRESET = CONFIG_DIR / "fashion_mnist_cpu.yaml"
@@ -35,7 +37,8 @@ class TrainConfig:
     label_column: str | None = None
     channels: int = 3
     image_size: int = 32
-    max_samples: int | None = None
+    max_samples: int | None = None  # cap on the training split
+    eval_max_samples: int | None = None  # cap on the held-out split
     streaming: bool = False  # decode per sample in DataLoader workers (datasets that do not fit in memory)
     num_workers: int = 2
     augmentation: str | None = None  # "simclr" or "barlow_twins"; None follows the objective
@@ -65,7 +68,7 @@ class TrainConfig:
     momentum: float = 0.9
     lars_eta: float = 0.02
     warmup_epochs: float = 10.0
-    mixed_precision: str = "bf16"  # "no", "bf16" or "fp16"
+    mixed_precision: str = "auto"  # "auto" (bf16 where the hardware computes it natively, else "no"), "no", "bf16", "fp16"
     channels_last: bool = True
     seed: int = 0
     # monitoring
@@ -86,7 +89,7 @@ class TrainConfig:
         if self.mixed_precision is False:  # YAML reads a bare `no` as false
             self.mixed_precision = "no"
         _choice("optimizer", self.optimizer, ("lars", "sgd", "adamw"))
-        _choice("mixed_precision", self.mixed_precision, ("no", "bf16", "fp16"))
+        _choice("mixed_precision", self.mixed_precision, ("auto", "no", "bf16", "fp16"))
         if self.augmentation is not None:
             _choice("augmentation", self.augmentation, ("simclr", "barlow_twins"))
         for name in ("epochs", "batch_size", "gradient_accumulation_steps", "image_size", "log_every",
@@ -101,6 +104,12 @@ class TrainConfig:
         kwargs = {name: getattr(self, name) for name in MODEL_FIELDS}
         kwargs["backbone_kwargs"] = {"in_chans": self.channels, **(self.backbone_kwargs or {})}
         return IBProjConfig(**kwargs)
+
+    def resolve_mixed_precision(self, device: torch.device) -> str:
+        """`"auto"` becomes `"bf16"` where the hardware computes bf16 natively (else it is slower) and `"no"` elsewhere."""
+        if self.mixed_precision == "auto":
+            return "bf16" if has_native_bf16(device) else "no"
+        return self.mixed_precision
 
     @property
     def augmentation_preset(self) -> str:
