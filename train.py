@@ -153,7 +153,6 @@ def main(argv: list[str] | None = None) -> int:
         log_with=None if config.tracker == "none" else config.tracker,
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
     )
-    set_seed(config.seed, device_specific=True)  # a different augmentation stream on each process
     device = accelerator.device
 
     train, held_out, stream = load_data(config, accelerator)
@@ -162,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     else:  # streaming: the online probe needs class names to size its head
         num_samples, num_classes = len(stream), len(stream.class_names or [])
     labeled = num_classes > 0
-    mean, std = channel_statistics(train.images if train is not None else held_out.images)
+    reference = train if train is not None else held_out
+    mean, std = channel_statistics(reference.images) if reference is not None else ([0.5] * config.channels,) * 2
 
     torch.manual_seed(config.seed)  # identical initial weights on every process and every run of a seed
     model_config = config.model_config()
@@ -173,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     augment = TwoViewAugmentation(config.augmentation_preset, config.image_size, config.channels, mean, std,
                                   num_views=config.num_views).to(device)
     probe = torch.nn.Linear(model.num_features, max(num_classes, 1))
+    set_seed(config.seed, device_specific=True)  # from here on, a different augmentation stream on each process
 
     # PAPER.md section 6: lr scaled by the global batch / 256, warm-up then cosine per optimizer step.
     global_batch = config.batch_size * accelerator.num_processes * config.gradient_accumulation_steps
