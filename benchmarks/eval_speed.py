@@ -1,7 +1,7 @@
 """Wall time of the frozen-backbone evaluation of the CPU preset's backbone on Fashion-MNIST (target <= 3 minutes).
 
-The backbone is the CPU preset's: resnet18_small, in_chans=1, channels=(32, 64, 128, 256), at 28x28 (untrained
-by default; pass --model RUN to time a trained one, whose features may need a different number of L-BFGS steps).
+The backbone is the CPU preset's (configs/fashion_mnist_cpu.yaml) at 28x28: untrained by default; pass
+--model RUN to time a trained one (its features may need a different number of L-BFGS steps).
 The phases are those of `hf_ibproj.evaluation.evaluate_backbone`: feature extraction of the 60k train and 10k test
 images, the linear probe (weight decay chosen on a validation split, then refit), and the weighted kNN.
 
@@ -22,10 +22,11 @@ import torch
 
 from hf_ibproj.backbones import create_backbone
 from hf_ibproj.data import load_image_data
+from hf_ibproj.train_config import DEFAULT_PRESET, TrainConfig, read_preset
 from hf_ibproj.evaluation import PRECISIONS, check_labels, extract_features, knn_accuracy, linear_probe, load_backbone
 
 TARGET_SECONDS = 180
-PRESET_BACKBONE = {"in_chans": 1, "channels": (32, 64, 128, 256)}
+PRESET = TrainConfig(**read_preset(DEFAULT_PRESET)).model_config()
 
 
 def main() -> None:
@@ -48,7 +49,7 @@ def main() -> None:
         mean, std = preprocessing["mean"], preprocessing["std"]
     else:
         torch.manual_seed(0)
-        backbone, mean, std = create_backbone("resnet18_small", **PRESET_BACKBONE), (0.5,), (0.5,)
+        backbone, mean, std = create_backbone(PRESET.backbone, **PRESET.backbone_kwargs), (0.5,), (0.5,)
     train, test = (load_image_data("fashion_mnist", split, channels=1, max_samples=limit)
                    for split, limit in zip(("train", "test"), max_samples))
     num_classes = check_labels(train, test)
@@ -68,7 +69,7 @@ def main() -> None:
 
     report = {
         "smoke": args.smoke,
-        "model": args.model or "resnet18_small channels=(32,64,128,256) in_chans=1, untrained (seed 0)",
+        "model": args.model or f"{PRESET.backbone} {PRESET.backbone_kwargs}, untrained (seed 0)",
         "num_train": len(train), "num_test": len(test), "num_features": train_features.shape[1],
         "precision": args.precision, "batch_size": args.batch_size,
         "extract_images_per_s": (len(train) + len(test)) / timings["extract_features_s"],
