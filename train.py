@@ -242,10 +242,10 @@ def main(argv: list[str] | None = None) -> int:
                         loss = loss + F.cross_entropy(logits, targets)
                         probe_hits += (logits.argmax(1) == targets).sum().item()
                         probe_seen += targets.numel()
-                    finite = torch.isfinite(output.loss).float()
-                    if accelerator.num_processes > 1:
-                        finite = accelerator.reduce(finite, "min")
-                    if not finite.item():
+                    non_finite = (~torch.isfinite(output.loss)).float()
+                    if accelerator.num_processes > 1:  # every process stops together, or DDP would hang
+                        non_finite = accelerator.reduce(non_finite, "max")
+                    if non_finite.item():
                         raise NonFiniteLossError(
                             f"non-finite loss ({output.loss.item()}) at step {progress.step}; stopping. The last good "
                             f"checkpoint is {latest_checkpoint(run_dir)}. Lower --lr or --mi-weight and --resume."
