@@ -74,3 +74,12 @@ def test_train_throughput_smoke():
 def test_information_speed_smoke():
     output = run_smoke("information_speed.py")
     assert "matrix_mutual_information" in output and "ms/step" in output
+
+
+def test_eval_speed_smoke(tmp_path):
+    report = tmp_path / "eval_speed.json"
+    output = run_smoke("eval_speed.py", "--output", str(report))
+    assert "total" in output
+    figures = json.loads(report.read_text())
+    assert figures["num_train"] == 512 and figures["num_test"] == 256
+    assert 0 <= figures["linear"]["top1"] <= 100 and figures["total_s"] > 0
