@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError, HFValidationError
 
+from .augmentation import to_model_input
 from .backbones import create_backbone
 from .configuration_ibproj import IBProjConfig
 from .data import ImageData, load_image_data
@@ -73,16 +74,14 @@ def extract_features(
         )
     device = torch.device(device) if device is not None else next(backbone.parameters()).device
     backbone.to(device=device, memory_format=torch.channels_last)
-    mean_t = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
     use_bf16 = precision == "bf16" or (precision == "auto" and has_native_bf16(device))
     was_training = backbone.training
     backbone.eval()
     features = []
     with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
         for start in range(0, len(images), batch_size):
-            batch = images[start : start + batch_size].to(device, non_blocking=True).float().div_(255)
-            batch = ((batch - mean_t) / std_t).contiguous(memory_format=torch.channels_last)
+            batch = to_model_input(images[start : start + batch_size].to(device, non_blocking=True), mean, std)
+            batch = batch.contiguous(memory_format=torch.channels_last)
             features.append(backbone(batch).float().cpu())
     backbone.train(was_training)
     return torch.cat(features) if features else torch.empty(0, 0)
