@@ -71,7 +71,8 @@ def _discrete(n: int, dim: int, num_states: int, seed: int) -> torch.Tensor:
 # ---- agreement with the reference ----
 
 @pytest.mark.parametrize("alpha", ALPHAS)
-@pytest.mark.parametrize("n, d1, d2", [(12, 20, 16), (24, 5, 3)])  # full rank, and rank-deficient (n > d)
+# full rank, rank-deficient (n > d), and odd / single-row batches (alpha = 2 splits the rows in two halves)
+@pytest.mark.parametrize("n, d1, d2", [(12, 20, 16), (24, 5, 3), (13, 6, 4), (1, 3, 2)])
 def test_estimators_match_float64_reference(alpha, n, d1, d2):
     z1, z2 = _pair(n, d1, d2, seed=n + d1)
     phi1, phi2 = ref_features(z1.numpy()), ref_features(z2.numpy())
