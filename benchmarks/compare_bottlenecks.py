@@ -46,9 +46,9 @@ import train  # noqa: E402  (train.py at the repository root)
 from hf_ibproj.runs import latest_checkpoint  # noqa: E402
 
 # The fixed CPU budget of every run (train.py flags on top of configs/fashion_mnist_cpu.yaml).
-# Width-8 small-stem ResNet-18 (64-d features), 28 px, the first 2,560 training images (max_samples also caps
-# the test split train.py evaluates on: its first 2,560 images), 2 epochs of batch 128 (40 LARS steps), the
-# per-epoch kNN monitor on 500 images, fp32: this CPU has no native bf16 (no AMX / avx512_bf16) and bf16
+# Width-8 small-stem ResNet-18 (64-d features), 28 px, the first 2,560 training images (also the probe's and
+# kNN's training set), evaluated on the full 10,000-image test split, 2 epochs of batch 128 (40 LARS steps),
+# the per-epoch kNN monitor on 500 images, fp32: this CPU has no native bf16 (no AMX / avx512_bf16) and bf16
 # autocast measured 2x SLOWER than fp32 here.
 BUDGET = {
     "backbone-kwargs": "{channels: [8, 16, 32, 64]}",
