@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import typing
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,8 @@ from .runs import has_native_bf16
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_PRESET = CONFIG_DIR / "fashion_mnist_cpu.yaml"
 
-# Fields of the training configuration that are also IBProjConfig fields (the model is rebuilt from them).
+# The IBProjConfig fields a run sets by flag or preset (the model is rebuilt from them); train.py fills in the
+# others (image statistics, interpolation, distributed gathering) itself.
 MODEL_FIELDS = (
     "backbone", "backbone_kwargs", "objective", "num_views", "projector_hidden_dims", "projector_out_dim",
     "projector_batch_norm", "mi_weight", "mi_alpha", "quantize_levels", "sparse_latent_dim", "sparse_topk",
@@ -25,9 +27,25 @@ MODEL_FIELDS = (
 )
 
 
+def _model_settings() -> type:
+    """A dataclass of MODEL_FIELDS with IBProjConfig's own types and defaults, so the two cannot drift apart."""
+    types = inspect.get_annotations(IBProjConfig, eval_str=True)  # its own fields, not PreTrainedConfig's
+    defaults = {field.name: field.default for field in dataclasses.fields(IBProjConfig)}
+    fields = [(name, types[name], dataclasses.field(default=defaults[name])) for name in MODEL_FIELDS]
+    namespace = {"__module__": __name__, "__doc__": "The IBProjConfig settings of a pretraining run (MODEL_FIELDS)."}
+    return dataclasses.make_dataclass("ModelSettings", fields, namespace=namespace)
+
+
+ModelSettings = _model_settings()
+
+
 @dataclasses.dataclass
-class TrainConfig:
-    """Every setting of a pretraining run. Paper defaults (PAPER.md section 6) unless a preset says otherwise."""
+class TrainConfig(ModelSettings):
+    """Every setting of a pretraining run. Paper defaults (PAPER.md section 6) unless a preset says otherwise.
+
+    The model settings (MODEL_FIELDS: backbone, objective, projector and bottleneck settings, ...) are inherited
+    from IBProjConfig; the fields below are the data, optimization, monitoring and output settings.
+    """
 
     # data
     dataset: str = "fashion_mnist"  # a Hub id, an image folder, a save_to_disk folder or a built-in name
@@ -36,28 +54,11 @@ class TrainConfig:
     image_column: str | None = None
     label_column: str | None = None
     channels: int = 3
-    image_size: int = 32
     max_samples: int | None = None  # cap on the training split
     eval_max_samples: int | None = None  # cap on the held-out split
     streaming: bool = False  # decode per sample in DataLoader workers (datasets that do not fit in memory)
     num_workers: int = 2
     augmentation: str | None = None  # "simclr" or "barlow_twins"; None follows the objective
-    # model (IBProjConfig fields)
-    backbone: str = "resnet18_small"
-    backbone_kwargs: dict[str, Any] | None = None
-    objective: str = "simclr"
-    num_views: int = 2
-    projector_hidden_dims: list[int] | None = None
-    projector_out_dim: int | None = None
-    projector_batch_norm: bool | None = None
-    mi_weight: float = 0.0
-    mi_alpha: float = 2.0
-    quantize_levels: int = 0
-    sparse_latent_dim: int = 0
-    sparse_topk: int | None = None
-    nt_xent_tau: float = 0.2
-    barlow_lambda: float = 0.0051
-    barlow_scale: float = 0.1
     # optimization
     epochs: int = 200
     batch_size: int = 256  # per process and per micro-step; global = batch_size * processes * accumulation
