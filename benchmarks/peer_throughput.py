@@ -11,7 +11,9 @@ a torch DataLoader with the preset's workers, the same small-stem ResNet-18, lig
 NTXentLoss(temperature=tau), SGD; the same batch, precision (autocast) and channels_last. Both get 1-channel
 28 px images: lightly's transform is given the data's 1-channel mean/std (its ImageNet default is 3-channel).
 Each side runs in its own forked process, alternating, `--rounds` times; the first `--warmup` steps of every
-run (start-up, worker spin-up) are not timed. Prints both medians and the ratio (target: train.py >= 1.5x).
+run (start-up, worker spin-up) are not timed. Prints both medians and the ratio (target: train.py >= 1.5x),
+and, as a third side, the model step alone (IBProjModel forward/backward/SGD step on views made beforehand, no
+data at all): its img/s over lightly's bounds the ratio any data pipeline could reach on this machine.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import train  # noqa: E402  (train.py at the repository root)
+from hf_ibproj import IBProjModel  # noqa: E402
 from hf_ibproj.backbones import create_backbone  # noqa: E402
 from hf_ibproj.data import load_image_data  # noqa: E402
 from hf_ibproj.train_config import DEFAULT_PRESET, TrainConfig  # noqa: E402
@@ -106,6 +109,24 @@ def lightly_rate(config: TrainConfig, steps: int, warmup: int) -> float:
     return steps * config.batch_size / (time.perf_counter() - started)
 
 
+def model_step_rate(config: TrainConfig, steps: int, warmup: int) -> float:
+    """img/s of the training step alone on views made beforehand: an upper bound for train.py end to end."""
+    model = IBProjModel(config.model_config()).to(memory_format=torch.channels_last).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)  # cheaper than train.py's LARS
+    views = torch.randn(config.batch_size, config.num_views, config.channels, config.image_size, config.image_size)
+    views = [v.contiguous(memory_format=torch.channels_last) for v in views.unbind(1)]
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.resolve_mixed_precision(torch.device("cpu")) == "bf16")
+    for step in range(warmup + steps):
+        if step == warmup:
+            started = time.perf_counter()
+        with autocast:
+            loss = model(views).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return steps * config.batch_size / (time.perf_counter() - started)
+
+
 def _in_child(function, queue, *args) -> None:
     try:
         queue.put(function(*args))
@@ -160,17 +181,20 @@ def main(argv: list[str] | None = None) -> int:
           f"{config.image_size}px, precision {config.mixed_precision}, channels_last, {config.num_workers} loader "
           f"workers (lightly), {torch.get_num_threads()} threads; {args.steps} timed steps after {args.warmup}, "
           f"{args.rounds} round(s)", flush=True)
-    ours, theirs = [], []
+    ours, theirs, step_only = [], [], []
     with tempfile.TemporaryDirectory(prefix="peer_throughput_") as temp:
         for round_index in range(args.rounds):
             ours.append(forked(train_py_rate, config_argv, config, args.steps, args.warmup, Path(temp) / f"run{round_index}"))
             theirs.append(forked(lightly_rate, config, args.steps, args.warmup))
-            print(f"round {round_index + 1}: train.py {ours[-1]:.1f} img/s, lightly {theirs[-1]:.1f} img/s",
-                  flush=True)
-    ours_rate, theirs_rate = statistics.median(ours), statistics.median(theirs)
+            step_only.append(forked(model_step_rate, config, args.steps, args.warmup))
+            print(f"round {round_index + 1}: train.py {ours[-1]:.1f} img/s, lightly {theirs[-1]:.1f} img/s, "
+                  f"model step alone {step_only[-1]:.1f} img/s", flush=True)
+    ours_rate, theirs_rate, step_rate = (statistics.median(r) for r in (ours, theirs, step_only))
     print(f"train.py  {ours_rate:8.1f} img/s")
     print(f"lightly   {theirs_rate:8.1f} img/s")
     print(f"ratio     {ours_rate / theirs_rate:8.2f}x (train.py / lightly; target >= 1.5x)")
+    print(f"ceiling   {step_rate / theirs_rate:8.2f}x (model step alone, {step_rate:.1f} img/s, / lightly: the most any "
+          f"data pipeline could give; train.py end to end is {100 * ours_rate / step_rate:.0f}% of it)")
     return 0
 
 

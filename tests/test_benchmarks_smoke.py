@@ -63,6 +63,8 @@ def test_peer_throughput_smoke():
     assert set(rates) == {"train.py", "lightly"} and all(v > 0 for v in rates.values())
     ratio = float(re.search(r"^ratio\s+([\d.]+)x", output, re.M).group(1))
     assert ratio == pytest.approx(rates["train.py"] / rates["lightly"], rel=0.02, abs=0.01)
+    ceiling, step_rate = re.search(r"^ceiling\s+([\d.]+)x \(model step alone, ([\d.]+) img/s", output, re.M).groups()
+    assert float(ceiling) == pytest.approx(float(step_rate) / rates["lightly"], rel=0.02, abs=0.01)
 
 
 def test_train_throughput_smoke():
