@@ -3,7 +3,7 @@
 (a) matrix_mutual_information(alpha=2) against the released code's approach (A^alpha as a Python loop of
     n x n matrix products, then the trace; PAPER.md section 8) and against the floor: the two n x n Gram
     products of row-normalized inputs (ours computes the same entries with 3/4 of the multiply-adds by symmetry,
-    so it can beat that floor when n is large). Each time is the best of 15 interleaved rounds.
+    so it can beat that floor when n is large). Each time is the best of 50 interleaved rounds.
     Targets: ours within 1.3x of the floor, and >= 3x faster than the naive approach at n = 512.
 (b) a SimCLR training step (forward + backward + SGD step) of the small-stem ResNet-18 (default width,
     32x32 RGB, batch 128 x 2 views, bf16 autocast where the CPU has it natively, else fp32; channels_last) with each bottleneck, as a ratio to the

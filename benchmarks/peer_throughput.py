@@ -62,6 +62,11 @@ def train_py_rate(config_argv: list[str], config: TrainConfig, steps: int, warmu
     return steps * config.batch_size / seconds
 
 
+def _cpu_autocast(config: TrainConfig) -> torch.autocast:
+    """The preset's precision on the CPU, as both recipes run it: bf16 autocast, or fp32 (autocast off)."""
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.resolve_mixed_precision(torch.device("cpu")) == "bf16")
+
+
 def lightly_rate(config: TrainConfig, steps: int, warmup: int) -> float:
     """img/s of lightly's SimCLR recipe (PIL transforms in DataLoader workers) over `steps` timed steps."""
     from lightly.loss import NTXentLoss
@@ -95,7 +100,7 @@ def lightly_rate(config: TrainConfig, steps: int, warmup: int) -> float:
     criterion = NTXentLoss(temperature=config.nt_xent_tau)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.06 * config.batch_size / 256, momentum=0.9,
                                 weight_decay=5e-4)
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.resolve_mixed_precision(torch.device("cpu")) == "bf16")
+    autocast = _cpu_autocast(config)
     started = None
     for step, ((view_a, view_b), _) in enumerate(loader):
         with autocast:
@@ -115,7 +120,7 @@ def model_step_rate(config: TrainConfig, steps: int, warmup: int) -> float:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)  # cheaper than train.py's LARS
     views = torch.randn(config.batch_size, config.num_views, config.channels, config.image_size, config.image_size)
     views = [v.contiguous(memory_format=torch.channels_last) for v in views.unbind(1)]
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.resolve_mixed_precision(torch.device("cpu")) == "bf16")
+    autocast = _cpu_autocast(config)
     for step in range(warmup + steps):
         if step == warmup:
             started = time.perf_counter()

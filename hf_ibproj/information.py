@@ -26,9 +26,14 @@ def normalize_rows(z: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return z * ((norm > eps) / norm.clamp_min(eps))  # one pass over z; the rest works on (n, 1) vectors
 
 
+def _unit_rows(z: torch.Tensor) -> torch.Tensor:
+    """Zh: the samples of `z` as rows of unit norm (step 1 of section 2), in float32 or better."""
+    return normalize_rows(_float_at_least_32(z.flatten(1)))
+
+
 def _normalized_gram(z: torch.Tensor) -> torch.Tensor:
     """K = Zh Zh^T with Zh the row-normalized Z (step 1-2 of section 2); an all-zero row stays zero."""
-    zh = normalize_rows(_float_at_least_32(z.flatten(1)))
+    zh = _unit_rows(z)
     return zh @ zh.T
 
 
@@ -111,8 +116,8 @@ def _mutual_information_order_2(z1: torch.Tensor, z2: torch.Tensor) -> torch.Ten
     squared Frobenius norms of K1, K2 and J that of K12. Beyond the Gram products (3/4 of the two full ones, see
     _gram_halves) only a few batched ops remain: at n ~ 512 on a CPU, per-op overhead would otherwise dominate.
     """
-    c1, d1, half = _gram_halves(normalize_rows(_float_at_least_32(z1.flatten(1))))
-    c2, d2, _ = _gram_halves(normalize_rows(_float_at_least_32(z2.flatten(1))))
+    c1, d1, half = _gram_halves(_unit_rows(z1))
+    c2, d2, _ = _gram_halves(_unit_rows(z2))
     c12, d12 = c1 * c2, d1 * d2
     # ||K||_F^2 = ||C||^2 + ||C[half:]||^2 (= ||A B^T||^2, the mirrored block) + ||D||^2, for K1, K2 and K12
     blocks = (c1, c1[half:], d1, c2, c2[half:], d2, c12, c12[half:], d12)
