@@ -9,13 +9,14 @@ from __future__ import annotations
 import torch
 
 _TINY = torch.finfo(torch.float32).tiny
+_EPS = 1e-6  # rows of norm <= _EPS count as zero rows
 
 
 def _float_at_least_32(z: torch.Tensor) -> torch.Tensor:
     return z if z.dtype in (torch.float32, torch.float64) else z.float()
 
 
-def normalize_rows(z: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+def normalize_rows(z: torch.Tensor, eps: float = _EPS) -> torch.Tensor:
     """Rows scaled to unit L2 norm; rows with norm <= eps (e.g. an all-zero FSQ code) become 0 with ZERO gradient.
 
     F.normalize divides a zero row by its eps, so the gradient reaching that row is multiplied by 1 / eps
@@ -97,37 +98,57 @@ def matrix_mutual_information(z1: torch.Tensor, z2: torch.Tensor, alpha: float =
     return torch.where((k1.diagonal().sum() > 0) & (k2.diagonal().sum() > 0), mutual_information, 0)
 
 
-def _gram_halves(zh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """K = Zh Zh^T as (C, D, h): C = Zh A^T (every row against the first h rows A), D = B B^T (B the other rows).
+def _gram_halves(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """G = Z Z^T as (C, D, h): C = Z A^T (every row against the first h rows A), D = B B^T (B the other rows).
 
-    K = [[A A^T, A B^T], [B A^T, B B^T]] is symmetric: C holds the first block column, D the last diagonal block,
-    and the missing A B^T is the transpose of C's lower part. That is 3/4 of the multiply-adds of Zh @ Zh^T, as
+    G = [[A A^T, A B^T], [B A^T, B B^T]] is symmetric: C holds the first block column, D the last diagonal block,
+    and the missing A B^T is the transpose of C's lower part. That is 3/4 of the multiply-adds of Z @ Z^T, as
     BLAS syrk does (torch exposes no syrk).
     """
-    half = zh.shape[0] // 2
-    rest = zh[half:]
-    return torch.mm(zh, zh[:half].T), torch.mm(rest, rest.T), half
+    half = z.shape[0] // 2
+    rest = z[half:]
+    return torch.mm(z, z[:half].T), torch.mm(rest, rest.T), half
+
+
+def _column_normalized_gram_halves(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The Gram blocks C, D of the RAW rows of `z` (see _gram_halves) with every column j divided by ||z_j||.
+
+    Also returns s: s_i = 1 / ||z_i||, or 0 for a row of norm <= _EPS (as in normalize_rows). Row i of the
+    normalized Gram K (section 2, steps 1-2) is s_i times row i of these blocks. The norms come free from the Gram
+    diagonal: no normalized copy of Z is made, and every entry stays within ||z_i|| (no overflow).
+    """
+    c, d, half = _gram_halves(_float_at_least_32(z.flatten(1)))
+    squared_norms = torch.cat([c[:half].diagonal(), d.diagonal()])
+    # the mask is a constant (a zero row gets zero gradient); the clamp keeps 1 / ||z_i|| finite
+    scale = (squared_norms > _EPS**2) * squared_norms.clamp_min(_EPS**2).rsqrt()
+    return c * scale[:half], d * scale[half:], scale
+
+
+def _block_row_norms(c: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    return torch.cat([torch.linalg.vector_norm(c, dim=1), torch.linalg.vector_norm(d, dim=1)])
 
 
 def _mutual_information_order_2(z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
     """I_2 = H_2(A1) + H_2(A2) - H_2(A1, A2), with H_2(A) = log(tr(K)^2 / ||K||_F^2) (no matrix power, no A = K/tr K).
 
-    Folded into one log: I_2 = 2 log(t1 t2 / t12) + log(J / (F1 F2)), t the traces of K1, K2, K12 = K1 o K2, F the
-    squared Frobenius norms of K1, K2 and J that of K12. Beyond the Gram products (3/4 of the two full ones, see
-    _gram_halves) only a few batched ops remain: at n ~ 512 on a CPU, per-op overhead would otherwise dominate.
+    Folded into one sum of logs: I_2 = 2 log(t1 t2 / t12) + log(J / (F1 F2)), t the traces of K1, K2, K12 = K1 o K2
+    (the numbers of non-zero rows, as K_ii is 1 or 0), F the squared Frobenius norms of K1, K2 and J that of K12.
+    Each is a sum of squared row norms of the column-normalized Gram blocks, scaled by s_i^2; the rows of B A^T count
+    twice for their mirror A B^T, which is never computed. Beyond the Gram products (3/4 of the two full ones, see
+    _gram_halves) only a few passes over them remain: at n ~ 512 on a CPU every extra pass or op would show.
     """
-    c1, d1, half = _gram_halves(_unit_rows(z1))
-    c2, d2, _ = _gram_halves(_unit_rows(z2))
-    c12, d12 = c1 * c2, d1 * d2
-    # ||K||_F^2 = ||C||^2 + ||C[half:]||^2 (= ||A B^T||^2, the mirrored block) + ||D||^2, for K1, K2 and K12
-    blocks = (c1, c1[half:], d1, c2, c2[half:], d2, c12, c12[half:], d12)
-    squared_norms = torch.stack([_squared_frobenius(b) for b in blocks]).view(3, 3).sum(1)
-    diagonal1, diagonal2 = torch.cat([c1.diagonal(), d1.diagonal()]), torch.cat([c2.diagonal(), d2.diagonal()])
-    traces = torch.stack([diagonal1.sum(), diagonal2.sum(), torch.dot(diagonal1, diagonal2)])
-    t1, t2, t12, f1, f2, j = torch.cat([traces, squared_norms]).clamp_min(_TINY).log().unbind()
-    mutual_information = 2 * (t1 + t2 - t12) + j - f1 - f2
+    c1, d1, scale1 = _column_normalized_gram_halves(z1)
+    c2, d2, scale2 = _column_normalized_gram_halves(z2)
+    n, half = scale1.shape[0], c1.shape[1]
+    scales = torch.stack([scale1, scale2, scale1 * scale2])  # K1, K2, K12
+    row_norms = torch.stack([_block_row_norms(c1, d1), _block_row_norms(c2, d2), _block_row_norms(c1 * c2, d1 * d2)])
+    squared_rows = (row_norms * torch.cat([scales, scales[:, half:]], dim=1)).square()  # the rows of C, then of D
+    squared_norms = squared_rows.sum(1) + squared_rows[:, half:n].sum(1)
+    traces = (scales > 0).sum(1, dtype=scales.dtype)
+    logs = torch.cat([traces, squared_norms]).clamp_min(_TINY).log()  # t1, t2, t12, F1, F2, J
+    mutual_information = logs @ logs.new_tensor([2.0, 2.0, -2.0, -1.0, -1.0, 1.0])
     # A constant variable (every row zero) shares no information.
-    return torch.where((traces[:2] > 0).all(), mutual_information, 0)
+    return torch.where(traces[:2].all(), mutual_information, 0)
 
 
 def _squared_frobenius(k: torch.Tensor) -> torch.Tensor:

@@ -75,7 +75,12 @@ def test_train_throughput_smoke():
 
 def test_information_speed_smoke():
     output = run_smoke("information_speed.py")
-    assert "matrix_mutual_information" in output and "ms/step" in output
+    assert "matrix_mutual_information" in output
+    plain_ms = float(re.search(r"^plain\s*:\s+([\d.]+) ms/step", output, re.M).group(1))
+    mi_ms, percent = re.search(r"^MI regularizer alone .*: ([\d.]+) ms, ([\d.]+)% of the plain step", output, re.M).groups()
+    # the overhead the target line judges is the MI term's own time over the plain step
+    assert float(percent) == pytest.approx(100 * float(mi_ms) / plain_ms, rel=0.05, abs=0.01)
+    assert re.search(rf"^target: MI regularizer overhead {re.escape(percent)}% ", output, re.M)
 
 
 def test_eval_speed_smoke(tmp_path):

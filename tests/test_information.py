@@ -115,6 +115,17 @@ def test_symmetry_and_invariance_to_positive_row_scaling(alpha):
     )
 
 
+def test_alpha_two_in_float32_is_accurate_for_row_norms_from_1e_minus_5_to_1e8():
+    # alpha = 2 works on the Gram of the raw rows; squaring those entries (||z||^4, ||z1||^2 ||z2||^2) would
+    # overflow or underflow float32 at these scales, and the result must not depend on them at all.
+    z1, z2 = _pair(48, 20, 16, seed=3)
+    g = torch.Generator().manual_seed(4)
+    s1 = torch.logspace(-5, 8, 48, dtype=torch.float64)[torch.randperm(48, generator=g)][:, None]
+    s2 = torch.logspace(-5, 8, 48, dtype=torch.float64)[torch.randperm(48, generator=g)][:, None]
+    expected_mi = ref_mi(z1.numpy(), z2.numpy(), 2)
+    assert matrix_mutual_information((z1 * s1).float(), (z2 * s2).float(), 2).item() == pytest.approx(expected_mi, abs=2e-4)
+
+
 @pytest.mark.parametrize("alpha", ALPHAS)
 def test_self_information_equals_entropy_for_discrete_representations(alpha):
     # K is a 0/1 block matrix, so K o K = K and I(Z;Z) = H(Z) exactly, whatever the positive row scaling.
