@@ -27,14 +27,9 @@ def normalize_rows(z: torch.Tensor, eps: float = _EPS) -> torch.Tensor:
     return z * ((norm > eps) / norm.clamp_min(eps))  # one pass over z; the rest works on (n, 1) vectors
 
 
-def _unit_rows(z: torch.Tensor) -> torch.Tensor:
-    """Zh: the samples of `z` as rows of unit norm (step 1 of section 2), in float32 or better."""
-    return normalize_rows(_float_at_least_32(z.flatten(1)))
-
-
 def _normalized_gram(z: torch.Tensor) -> torch.Tensor:
-    """K = Zh Zh^T with Zh the row-normalized Z (step 1-2 of section 2); an all-zero row stays zero."""
-    zh = _unit_rows(z)
+    """K = Zh Zh^T with Zh the row-normalized Z (step 1-2 of section 2), in float32 or better; a zero row stays 0."""
+    zh = normalize_rows(_float_at_least_32(z.flatten(1)))
     return zh @ zh.T
 
 
