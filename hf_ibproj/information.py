@@ -16,22 +16,15 @@ def _float_at_least_32(z: torch.Tensor) -> torch.Tensor:
     return z if z.dtype in (torch.float32, torch.float64) else z.float()
 
 
-def _inverse_norms(squared_norms: torch.Tensor, eps: float = _EPS) -> torch.Tensor:
-    """1 / ||z_i|| from ||z_i||^2, or 0 for a row of norm <= eps: the rule for zero rows, shared by every estimator.
-
-    The boolean mask is a constant, so such a row gets ZERO gradient; the clamp keeps the other branch finite.
-    """
-    return (squared_norms > eps**2) * squared_norms.clamp_min(eps**2).rsqrt()
-
-
 def normalize_rows(z: torch.Tensor, eps: float = _EPS) -> torch.Tensor:
     """Rows scaled to unit L2 norm; rows with norm <= eps (e.g. an all-zero FSQ code) become 0 with ZERO gradient.
 
     F.normalize divides a zero row by its eps, so the gradient reaching that row is multiplied by 1 / eps
     (1e12): one all-zero quantized projection then blows the weights up in a single step.
     """
-    squared_norms = torch.linalg.vector_norm(z, dim=-1, keepdim=True).square()
-    return z * _inverse_norms(squared_norms, eps)  # one pass over z; the rest works on (n, 1) vectors
+    norm = torch.linalg.vector_norm(z, dim=-1, keepdim=True)
+    # per-row scale 1/norm, or 0 (the boolean mask is a constant: no gradient); the clamp keeps it finite
+    return z * ((norm > eps) / norm.clamp_min(eps))  # one pass over z; the rest works on (n, 1) vectors
 
 
 def _normalized_gram(z: torch.Tensor) -> torch.Tensor:
@@ -115,12 +108,15 @@ def _gram_halves(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
 def _column_normalized_gram_halves(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The Gram blocks C, D of the RAW rows of `z` (see _gram_halves) with every column j divided by ||z_j||.
 
-    Also returns s: s_i = 1 / ||z_i||, or 0 for a zero row (_inverse_norms). Row i of the normalized Gram K
-    (section 2, steps 1-2) is s_i times row i of these blocks. The norms come free from the Gram diagonal: no
-    normalized copy of Z is made, and every entry stays within ||z_i|| (no overflow).
+    Also returns s: s_i = 1 / ||z_i||, or 0 for a row of norm <= _EPS (as in normalize_rows). Row i of the
+    normalized Gram K (section 2, steps 1-2) is s_i times row i of these blocks. The norms come free from the Gram
+    diagonal: no normalized copy of Z is made, and every entry stays within ||z_i|| (no overflow).
     """
     c, d, half = _gram_halves(_float_at_least_32(z.flatten(1)))
-    scale = _inverse_norms(torch.cat([c[:half].diagonal(), d.diagonal()]))
+    squared_norms = torch.cat([c[:half].diagonal(), d.diagonal()])
+    # normalize_rows' rule on squared norms: the mask is a constant (a zero row gets zero gradient), the clamp
+    # keeps 1 / ||z_i|| finite
+    scale = (squared_norms > _EPS**2) * squared_norms.clamp_min(_EPS**2).rsqrt()
     return c * scale[:half], d * scale[half:], scale
 
 
