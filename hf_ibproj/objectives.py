@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.distributed._functional_collectives as funcol
 
 from .information import normalize_rows
 
@@ -22,9 +21,51 @@ def _distributed(enabled: bool) -> bool:
     return enabled and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+# Written by hand (an autograd.Function over the plain c10d calls) because no library collective carries the
+# gradient on every supported torch (pyproject: torch>=2.9): torch.distributed._functional_collectives got a
+# backward for all_reduce / all_gather_single only with pytorch PR #168140 (opened Nov 2025, after 2.9), and
+# before that the cross-process gradient silently disappears; torch.distributed.nn.functional is deprecated
+# in favour of those functional collectives (a FutureWarning on every call).
+
+
+class _SumAcrossProcesses(torch.autograd.Function):
+    """y = sum over processes of x; dL/dx = sum over processes of dL_p/dy (every process's loss uses y)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        total = x.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(total)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        total = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(total)
+        return total
+
+
+class _GatherAcrossProcesses(torch.autograd.Function):
+    """Concatenate x of every process along dim 0 (rank order); dL/dx = this rank's rows of the summed gradient."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        x = x.contiguous()
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x)  # the list form: supported by every backend (gloo, nccl, ...)
+        ctx.rows = x.shape[0]
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        total = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(total)  # not reduce_scatter: not every backend has it (torch.distributed.nn avoids it too)
+        start = dist.get_rank() * ctx.rows
+        return total[start : start + ctx.rows]
+
+
 def _sum_across_processes(x: torch.Tensor) -> torch.Tensor:
     """All-reduce (sum) whose backward all-reduces the gradient."""
-    return funcol.all_reduce(x, "sum", dist.group.WORLD)
+    return _SumAcrossProcesses.apply(x)
 
 
 def _check_views(views: torch.Tensor) -> None:
@@ -46,7 +87,7 @@ def nt_xent_loss(views: torch.Tensor, tau: float = 0.2, gather_distributed: bool
     candidates, offset = z, 0
     if _distributed(gather_distributed):
         # gather along the batch: (world * batch, views, dim), rows of this process start at rank * batch
-        gathered = funcol.all_gather_single(z.transpose(0, 1).contiguous(), 0, dist.group.WORLD)
+        gathered = _GatherAcrossProcesses.apply(z.transpose(0, 1))
         candidates, offset = gathered.transpose(0, 1), dist.get_rank() * batch
     total = candidates.shape[1]
     logits = z.reshape(-1, dim) @ candidates.reshape(-1, dim).T / tau  # (V * batch, V * total)

@@ -5,13 +5,14 @@ from __future__ import annotations
 import itertools
 import math
 import socket
+from unittest.mock import patch
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from hf_ibproj import IBProjConfig, IBProjModel
+from hf_ibproj import IBProjConfig, IBProjModel, objectives
 from hf_ibproj.objectives import barlow_twins_loss, nt_xent_loss
 
 
@@ -112,23 +113,39 @@ def _data() -> tuple[torch.Tensor, torch.nn.Linear, IBProjModel, torch.Tensor]:
 
 
 def _losses_and_grads(x, linear, model, images, rows, gather):
-    """Per case: (loss, gradients) on the given rows of the batch."""
+    """Per case: (loss, parameter gradients, gradient of the case's input rows with the batch first)."""
     results = {}
     cases = {
-        "simclr": lambda: nt_xent_loss(linear(x[:, rows]), tau=0.3, gather_distributed=gather),
-        "barlow_twins": lambda: barlow_twins_loss(linear(x[:, rows]), gather_distributed=gather),
+        "simclr": lambda z: nt_xent_loss(z, tau=0.3, gather_distributed=gather),
+        "barlow_twins": lambda z: barlow_twins_loss(z, gather_distributed=gather),
     }
-    for name, compute in cases.items():
+    for name, loss_fn in cases.items():
         linear.zero_grad()
-        loss = compute()
+        inputs = x[:, rows].clone().requires_grad_()
+        loss = loss_fn(linear(inputs))
         loss.backward()
-        results[name] = (loss.detach(), [p.grad.clone() for p in linear.parameters()])
+        results[name] = (loss.detach(), [p.grad.clone() for p in linear.parameters()], inputs.grad.transpose(0, 1))
     model.config.gather_distributed = gather
     model.zero_grad()
-    loss = model(images[rows]).loss
+    pixels = images[rows].clone().requires_grad_()
+    loss = model(pixels).loss
     loss.backward()
-    results["model"] = (loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None])
+    results["model"] = (loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None], pixels.grad)
     return results
+
+
+def _as_ddp_sees_them(results):
+    """Per case: the loss and parameter gradients averaged over processes (what DDP does), and the input gradients
+    of all processes concatenated along the batch, divided by the world size (each loss weighs 1/world in DDP)."""
+    combined = {}
+    for name, (loss, grads, input_grad) in results.items():
+        for t in [loss, *grads]:
+            dist.all_reduce(t)
+            t /= WORLD_SIZE
+        parts = [torch.empty_like(input_grad) for _ in range(WORLD_SIZE)]
+        dist.all_gather(parts, input_grad.contiguous())
+        combined[name] = (loss, grads, torch.cat(parts) / WORLD_SIZE)
+    return combined
 
 
 def _worker(rank: int, port: int, result_file: str) -> None:
@@ -137,16 +154,18 @@ def _worker(rank: int, port: int, result_file: str) -> None:
         torch.set_num_threads(1)
         x, linear, model, images = _data()
         half = BATCH // WORLD_SIZE
-        results = _losses_and_grads(x, linear, model, images, slice(rank * half, (rank + 1) * half), gather=True)
-        averaged = {}
-        for name, (loss, grads) in results.items():
-            # what DDP does: average the gradients (and here the loss) over the processes
-            for t in [loss, *grads]:
-                dist.all_reduce(t)
-                t /= WORLD_SIZE
-            averaged[name] = (loss, grads)
+        rows = slice(rank * half, (rank + 1) * half)
+        results = {"correct": _as_ddp_sees_them(_losses_and_grads(x, linear, model, images, rows, gather=True))}
+        # The same collectives with their forward intact but no cross-process gradient (what a collective without a
+        # registered backward gives): the comparison below must see the difference.
+        own_rows = staticmethod(lambda ctx, grad: grad[rank * ctx.rows : (rank + 1) * ctx.rows])
+        with patch.object(objectives._GatherAcrossProcesses, "backward", own_rows), \
+                patch.object(objectives._SumAcrossProcesses, "backward", staticmethod(lambda ctx, grad: grad)):
+            results["local_gradient"] = _as_ddp_sees_them(
+                _losses_and_grads(x, linear, model, images, rows, gather=True)
+            )
         if rank == 0:
-            torch.save(averaged, result_file)
+            torch.save(results, result_file)
     finally:
         dist.destroy_process_group()
 
@@ -158,18 +177,27 @@ def _free_port() -> int:
 
 
 def test_two_processes_equal_one_process_on_the_whole_batch(tmp_path):
+    """Losses, parameter gradients and per-sample input gradients of both objectives (and of the model) across two
+    gloo processes equal one process on the global batch; a gradient-less collective would be caught."""
     result_file = str(tmp_path / "distributed.pt")
     mp.start_processes(_worker, args=(_free_port(), result_file), nprocs=WORLD_SIZE, join=True, start_method="spawn")
-    distributed = torch.load(result_file)
+    results = torch.load(result_file)
     x, linear, model, images = _data()
     single = _losses_and_grads(x, linear, model, images, slice(None), gather=False)
+    distributed = results["correct"]
     assert distributed.keys() == single.keys() == {"simclr", "barlow_twins", "model"}
     for name in single:
-        (loss_d, grads_d), (loss_s, grads_s) = distributed[name], single[name]
+        (loss_d, grads_d, input_grad_d), (loss_s, grads_s, input_grad_s) = distributed[name], single[name]
         torch.testing.assert_close(loss_d, loss_s, rtol=1e-5, atol=1e-5, msg=f"{name} loss")
         assert len(grads_d) == len(grads_s) > 0
         for g_d, g_s in zip(grads_d, grads_s):
             torch.testing.assert_close(g_d, g_s, rtol=1e-5, atol=1e-5, msg=f"{name} gradient")
+        assert input_grad_s.shape[0] == BATCH and input_grad_s.abs().max() > 0
+        torch.testing.assert_close(input_grad_d, input_grad_s, rtol=1e-5, atol=1e-6, msg=f"{name} input gradient")
+        # without the cross-process gradient the forward still matches but the gradients do not
+        loss_l, grads_l, input_grad_l = results["local_gradient"][name]
+        torch.testing.assert_close(loss_l, loss_s, rtol=1e-5, atol=1e-5)
+        assert (input_grad_l - input_grad_s).abs().max() > 1e-2 * input_grad_s.abs().max(), name
     # the local (non-gathered) loss really differs: the test would notice a missing gather
     local = nt_xent_loss(linear(x[:, : BATCH // 2]), tau=0.3, gather_distributed=False)
     assert abs(local.item() - single["simclr"][0].item()) > 1e-3
