@@ -6,7 +6,9 @@ installed, else the Hub copy). Two ways to read them:
   - `load_image_data`: decode every image once into one uint8 tensor (datasets that fit in memory);
   - `StreamingImageDataset`: decode row by row in DataLoader workers (datasets that do not).
 Both share `open_image_dataset` (locating the split and its columns) and `decode_image` (one row to a
-uint8 (C, H, W) array), so the two paths give identical pixels. Augmentation lives in `augmentation.py`.
+uint8 (C, H, W) array, timm's eval resize + center crop), so the two paths give identical pixels.
+Subsets (max_samples, kNN banks, statistics) come from `stratified_indices`: seeded and class-stratified,
+chosen from the label column alone before any image is decoded. Augmentation lives in `augmentation.py`.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import gzip
 import io
 import logging
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +27,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 from PIL import Image
+from timm.data.transforms import str_to_pil_interp
 
 from .augmentation import TwoViewAugmentation, to_model_input  # noqa: F401  (re-exported: the data API)
 
@@ -49,6 +53,8 @@ BUILTIN_DATASETS = {"fashion_mnist": FASHION_MNIST_HUB_ID}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 # PIL's convert() clips 16-bit values at 255 instead of rescaling them, so these modes are rescaled by hand.
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+# timm's names for PIL's resampling filters (pretrained_cfg["interpolation"]).
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
 
 
 @dataclass
@@ -71,6 +77,63 @@ class ImageData:
         if self.labels is not None and len(self.labels):
             return int(self.labels.max()) + 1
         return 0
+
+
+# --------------------------------------------------------------------------------------------- selection
+
+
+def _class_quotas(sizes: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
+    """Rows to take per class, summing to `count`: shares proportional to `sizes` by largest remainder, at least
+    one per class when count allows, never more than a class holds; ties go in a seeded random order."""
+    exact = sizes.double() * count / sizes.sum()
+    quotas = exact.floor().long()
+    if count >= len(sizes):
+        quotas.clamp_(min=1)
+    tie_order = torch.randperm(len(sizes), generator=generator)
+    while (excess := int(quotas.sum()) - count) != 0:
+        below_share = (exact - quotas)[tie_order]  # argmax/argmin take the first of equals: the seeded order
+        if excess < 0:  # one more row for the class furthest below its share that still has rows left
+            pick = torch.where(quotas[tie_order] < sizes[tie_order], below_share, -math.inf).argmax()
+            quotas[tie_order[pick]] += 1
+        else:  # one row less for the class furthest above its share that keeps at least one
+            pick = torch.where(quotas[tie_order] > 1, below_share, math.inf).argmin()
+            quotas[tie_order[pick]] -= 1
+    return quotas
+
+
+def stratified_indices(
+    labels: torch.Tensor | None, count: int, seed: int, num_rows: int | None = None
+) -> torch.Tensor:
+    """Sorted int64 indices of a seeded random subset of `count` rows, class-stratified when `labels` are given.
+
+    Each class gets a share of `count` proportional to its frequency (largest remainder), and every class at
+    least one row when count >= the number of classes; the rows of a class, and of unlabeled data
+    (labels=None, then `num_rows` says how many rows there are), are drawn uniformly at random. The same
+    labels, count and seed always give the same subset; count >= the number of rows gives every row.
+    """
+    if labels is not None:
+        if labels.dim() != 1:
+            raise ValueError(f"labels must be one-dimensional, got shape {tuple(labels.shape)}")
+        if num_rows is not None and num_rows != len(labels):
+            raise ValueError(f"num_rows={num_rows} but {len(labels)} labels were given: pass one or the other")
+        num_rows = len(labels)
+    elif num_rows is None:
+        raise ValueError("stratified_indices needs labels or, for unlabeled data, num_rows")
+    if count < 1:
+        raise ValueError(f"the number of rows to select must be a positive integer, got {count!r}")
+    if count >= num_rows:
+        return torch.arange(num_rows)
+    generator = torch.Generator().manual_seed(seed)
+    shuffled = torch.randperm(num_rows, generator=generator)
+    if labels is None:
+        return shuffled[:count].sort().values
+    _, class_of_row, sizes = torch.unique(labels.cpu(), return_inverse=True, return_counts=True)
+    quotas = _class_quotas(sizes, count, generator)
+    # Group the shuffled rows by class (a stable sort keeps them shuffled within a class), keep each quota's first.
+    grouped = shuffled[torch.argsort(class_of_row[shuffled], stable=True)]
+    group = class_of_row[grouped]
+    rank_in_class = torch.arange(num_rows) - (torch.cumsum(sizes, 0) - sizes)[group]
+    return grouped[rank_in_class < quotas[group]].sort().values
 
 
 # ----------------------------------------------------------------------------------------------- opening
@@ -233,6 +296,17 @@ def open_image_dataset(
     return ds, image_column, label_column, class_names
 
 
+def read_labels(ds: datasets.Dataset, label_column: str) -> torch.Tensor:
+    """The int64 label column alone, read through Arrow (no image is touched; ~1 ms per million rows)."""
+    column = ds.with_format("arrow")[label_column]
+    if column.null_count:
+        raise ValueError(
+            f"label column {label_column!r} has {column.null_count} missing labels: fill them or pass "
+            "another label_column (--label-column)"
+        )
+    return torch.from_numpy(column.to_numpy().astype(np.int64))
+
+
 # ---------------------------------------------------------------------------------------------- decoding
 
 
@@ -269,42 +343,56 @@ def _convert_mode(image: Image.Image, channels: int) -> Image.Image:
     return image if image.mode == target else image.convert(target)
 
 
-def _fit_size(image: Image.Image, image_size: int) -> Image.Image:
-    """Resize the shorter side to `image_size` (bicubic) and center-crop a square; never upsample."""
+def check_resize_options(interpolation: str, crop_pct: float) -> None:
+    """Reject an interpolation timm does not name or a crop_pct outside (0, 1], before any image is decoded."""
+    if interpolation not in INTERPOLATIONS:
+        raise ValueError(f"unknown interpolation {interpolation!r}: choose one of {', '.join(INTERPOLATIONS)}")
+    if not 0 < crop_pct <= 1:
+        raise ValueError(f"crop_pct must be in (0, 1] (the fraction of the resized image kept), got {crop_pct}")
+
+
+def _fit_size(image: Image.Image, image_size: int, interpolation: str, crop_pct: float) -> Image.Image:
+    """timm's eval transform (crop_mode "center"): the shorter side to floor(image_size / crop_pct), up or down,
+    with `interpolation`, then a center crop of image_size x image_size."""
+    # Same arithmetic as timm.data.transforms_imagenet_eval = torchvision Resize(scale) + CenterCrop(image_size).
+    scale = math.floor(image_size / crop_pct)
     width, height = image.size
-    if min(width, height) < image_size:
-        raise ValueError(
-            f"an image of size {width}x{height} is smaller than the requested image size {image_size}: "
-            f"lower --image-size (image_size) to at most {min(width, height)}"
-        )
-    if (width, height) == (image_size, image_size):
-        return image
-    # Same output-size and crop-offset arithmetic as torchvision's Resize(size) + CenterCrop(size).
     if width <= height:
-        new_size = (image_size, int(image_size * height / width))
+        new_size = (scale, int(scale * height / width))
     else:
-        new_size = (int(image_size * width / height), image_size)
+        new_size = (int(scale * width / height), scale)
     if new_size != image.size:
-        image = image.resize(new_size, Image.Resampling.BICUBIC)
+        image = image.resize(new_size, str_to_pil_interp(interpolation))
     left = int(round((new_size[0] - image_size) / 2.0))
     top = int(round((new_size[1] - image_size) / 2.0))
     return image.crop((left, top, left + image_size, top + image_size))
 
 
-def decode_image(value: Any, channels: int = 3, image_size: int | None = None) -> np.ndarray:
+def decode_image(
+    value: Any,
+    channels: int = 3,
+    image_size: int | None = None,
+    interpolation: str = "bicubic",
+    crop_pct: float = 1.0,
+) -> np.ndarray:
     """One image cell -> uint8 array (C, H, W) with `channels` channels, fitted to `image_size` when given.
 
-    Raises CorruptImageError when the bytes cannot be decoded, ValueError when the image is too small.
+    Fitting is timm's eval transform: resize the shorter side to floor(image_size / crop_pct) with
+    `interpolation` (larger and smaller images alike), center-crop image_size x image_size; without
+    image_size the image keeps its size. Raises CorruptImageError when the bytes cannot be decoded.
     """
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels}")
+    check_resize_options(interpolation, crop_pct)
     try:
-        image = _convert_mode(_open_cell(value), channels)  # convert() forces PIL's lazy decoding
+        image = _open_cell(value)
+        image.load()  # PIL decodes lazily: a truncated file fails here, not later in resize or asarray
+        image = _convert_mode(image, channels)
     except (OSError, SyntaxError, Image.DecompressionBombError) as error:  # PIL's errors for broken files
         where = value.get("path") if isinstance(value, dict) else None
         raise CorruptImageError(f"cannot decode image ({where or 'embedded bytes'}): {error}") from error
     if image_size is not None:
-        image = _fit_size(image, image_size)
+        image = _fit_size(image, image_size, interpolation, crop_pct)
     pixels = np.asarray(image, dtype=np.uint8)
     return np.array(pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1), order="C")  # a writable copy
 
@@ -312,17 +400,25 @@ def decode_image(value: Any, channels: int = 3, image_size: int | None = None) -
 # ---------------------------------------------------------------------------------------------- in memory
 
 
-def _fashion_mnist_image_data(split: str, channels: int, image_size: int | None, max_samples: int | None) -> ImageData:
+def _fashion_mnist_image_data(
+    split: str, channels: int, image_size: int | None, max_samples: int | None, seed: int, interpolation: str,
+    crop_pct: float,
+) -> ImageData:
     """The Debian idx files straight into tensors (< 1 s for 60k images at their own 28x28 size)."""
     images, labels = _read_fashion_mnist(split)
-    images, labels = images[:max_samples], labels[:max_samples]
-    if image_size in (None, images.shape[-1]):
+    labels = torch.from_numpy(labels.astype(np.int64))
+    if max_samples is not None:
+        rows = stratified_indices(labels, max_samples, seed)
+        images, labels = images[rows.numpy()], labels[rows]
+    if image_size is None or (image_size == images.shape[-1] and crop_pct == 1):
         tensor = torch.from_numpy(images.copy()).unsqueeze(1)
         if channels == 3:
             tensor = tensor.expand(-1, 3, -1, -1).contiguous()  # what PIL's "L" -> "RGB" does: copy the gray value
     else:
-        tensor = torch.from_numpy(np.stack([decode_image(image, channels, image_size) for image in images]))
-    return ImageData(tensor, torch.from_numpy(labels.astype(np.int64)), list(FASHION_MNIST_CLASSES))
+        tensor = torch.from_numpy(
+            np.stack([decode_image(image, channels, image_size, interpolation, crop_pct) for image in images])
+        )
+    return ImageData(tensor, labels, list(FASHION_MNIST_CLASSES))
 
 
 def load_image_data(
@@ -334,39 +430,50 @@ def load_image_data(
     channels: int = 3,
     image_size: int | None = None,
     max_samples: int | None = None,
+    seed: int = 0,
+    interpolation: str = "bicubic",
+    crop_pct: float = 1.0,
 ) -> ImageData:
     """Load `split` of `source` and decode all its images once into a uint8 (N, C, H, W) tensor.
 
-    Without `image_size` all images must share one size; with it, larger or unequal images are resized
-    (shorter side, bicubic) and center-cropped to image_size x image_size. Rows whose image cannot be
-    decoded are skipped and counted in `ImageData.skipped`. `max_samples` keeps the first N rows.
+    Without `image_size` all images must share one size; with it, every image goes through timm's eval
+    resize + center crop (`decode_image`: `interpolation`, `crop_pct`) to image_size x image_size.
+    `max_samples` keeps a seeded, class-stratified random subset (`stratified_indices` with `seed`), chosen
+    from the label column before decoding, so only those images are decoded. Rows whose image cannot be
+    decoded are skipped and counted in `ImageData.skipped`.
     """
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels}")
     if max_samples is not None and max_samples < 1:
         raise ValueError(f"max_samples must be a positive integer, got {max_samples}")
+    check_resize_options(interpolation, crop_pct)
     if _fashion_mnist_is_local(source) and image_column in (None, "image") and label_column in (None, "label"):
-        return _fashion_mnist_image_data(split, channels, image_size, max_samples)
+        return _fashion_mnist_image_data(split, channels, image_size, max_samples, seed, interpolation, crop_pct)
 
     ds, image_column, label_column, class_names = open_image_dataset(
         source, split, image_column=image_column, label_column=label_column
     )
-    if max_samples is not None:
-        ds = ds.select(range(min(max_samples, len(ds))))
+    labels = None if label_column is None else read_labels(ds, label_column)
+    rows = torch.arange(len(ds))  # the source row of each row of ds
+    if max_samples is not None and max_samples < len(ds):
+        rows = stratified_indices(labels, max_samples, seed, num_rows=len(ds))
+        ds = ds.select(rows.tolist())
+        labels = None if labels is None else labels[rows]
     images, kept = [], []
-    for row, value in enumerate(ds[image_column]):
+    for position, value in enumerate(ds[image_column]):
         try:
-            pixels = decode_image(value, channels, image_size)
+            pixels = decode_image(value, channels, image_size, interpolation, crop_pct)
         except CorruptImageError as error:
-            logger.debug("skipping row %d of %s: %s", row, source, error)
+            logger.debug("skipping row %d of %s: %s", int(rows[position]), source, error)
             continue
         if images and pixels.shape != images[0].shape:
             raise ValueError(
-                f"images in {source!r} differ in size ({images[0].shape[1:]} in row {kept[0]}, {pixels.shape[1:]} in "
-                f"row {row}): pass image_size (--image-size) to resize and center-crop them to one size"
+                f"images in {source!r} differ in size ({images[0].shape[1:]} in row {int(rows[kept[0]])}, "
+                f"{pixels.shape[1:]} in row {int(rows[position])}): pass image_size (--image-size) to resize and "
+                "center-crop them to one size"
             )
         images.append(pixels)
-        kept.append(row)
+        kept.append(position)
     skipped = len(ds) - len(kept)
     if skipped:
         logger.warning(
@@ -374,9 +481,8 @@ def load_image_data(
         )
     if not images:
         raise ValueError(f"no image of split {split!r} of {source!r} could be decoded: check the files")
-    labels = None
-    if label_column is not None:
-        labels = torch.as_tensor(np.asarray(ds[label_column], dtype=np.int64)[kept])
+    if labels is not None:
+        labels = labels[kept]
     return ImageData(torch.from_numpy(np.stack(images)), labels, class_names, skipped)
 
 
@@ -386,10 +492,14 @@ def load_image_data(
 class StreamingImageDataset(torch.utils.data.Dataset):
     """Decode one row at a time (in DataLoader workers) for datasets that do not fit in memory.
 
-    Items are (uint8 image (C, image_size, image_size), int label; NO_LABEL without a label column); with
-    image_size=None the images are not resized and must already share one size. Batches then
-    go through `TwoViewAugmentation` on the training device. A row whose image cannot be decoded is replaced by
-    the next decodable row (with a warning), so one bad file does not stop a long run.
+    Items are (uint8 image (C, image_size, image_size), int label, int skipped): the label is NO_LABEL
+    without a label column; with image_size=None the images are not resized and must already share one size
+    (otherwise `decode_image`'s resize + center crop, `interpolation` and `crop_pct`). A row whose image cannot
+    be decoded is replaced by the next decodable row (with a warning), so one bad file does not stop a long run,
+    and its item says so with skipped=1 (0 otherwise): DataLoader workers are separate processes, so the count
+    travels in the batch; summing the batches' third tensor counts the undecodable rows drawn. Batches then go
+    through `TwoViewAugmentation` on the training device. `labels` reads the label column alone, for
+    `stratified_indices`.
     """
 
     def __init__(
@@ -401,9 +511,13 @@ class StreamingImageDataset(torch.utils.data.Dataset):
         channels: int = 3,
         image_size: int | None,
         class_names: list[str] | None = None,
+        interpolation: str = "bicubic",
+        crop_pct: float = 1.0,
     ) -> None:
+        check_resize_options(interpolation, crop_pct)
         self.dataset, self.image_column, self.label_column = dataset, image_column, label_column
         self.channels, self.image_size, self.class_names = channels, image_size, class_names
+        self.interpolation, self.crop_pct = interpolation, crop_pct
 
     @classmethod
     def from_source(
@@ -415,24 +529,34 @@ class StreamingImageDataset(torch.utils.data.Dataset):
         label_column: str | None = None,
         channels: int = 3,
         image_size: int | None,
+        interpolation: str = "bicubic",
+        crop_pct: float = 1.0,
     ) -> StreamingImageDataset:
         """Open `split` of `source` with `open_image_dataset` (same sources and column detection as load_image_data)."""
         ds, image_column, label_column, class_names = open_image_dataset(
             source, split, image_column=image_column, label_column=label_column
         )
-        return cls(ds, image_column, label_column, channels=channels, image_size=image_size, class_names=class_names)
+        return cls(ds, image_column, label_column, channels=channels, image_size=image_size, class_names=class_names,
+                   interpolation=interpolation, crop_pct=crop_pct)
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    @property
+    def labels(self) -> torch.Tensor | None:
+        """Every row's int64 label from the label column alone (no image decoded); None without labels."""
+        return None if self.label_column is None else read_labels(self.dataset, self.label_column)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
         for offset in range(len(self)):
             row = self.dataset[(index + offset) % len(self)]
             try:
-                pixels = decode_image(row[self.image_column], self.channels, self.image_size)
+                pixels = decode_image(
+                    row[self.image_column], self.channels, self.image_size, self.interpolation, self.crop_pct
+                )
             except CorruptImageError as error:
                 logger.warning("row %d: %s; using the next row instead", (index + offset) % len(self), error)
                 continue
             label = NO_LABEL if self.label_column is None else int(row[self.label_column])
-            return torch.from_numpy(pixels), label
+            return torch.from_numpy(pixels), label, int(offset > 0)
         raise ValueError("no image in this dataset could be decoded: check the files")

@@ -1,12 +1,16 @@
-"""hf_ibproj.data: every kind of source, colour modes, resizing, labels, bad input and the streaming path,
-checked against pixels computed independently in the test (struct-parsed idx files, PIL's documented
-luma formula, torchvision's Resize + CenterCrop)."""
+"""hf_ibproj.data: every kind of source, colour modes, resizing, labels, subsets, bad input and the streaming
+path, checked against pixels computed independently in the test (struct-parsed idx files, PIL's documented
+luma formula, torchvision's Resize + CenterCrop, timm's eval transform) and subsets against closed forms and a
+naive largest-remainder apportionment."""
 
 import gzip
 import logging
+import math
 import struct
 import time
+from collections import Counter
 from pathlib import Path
+from unittest.mock import patch
 
 import datasets
 import huggingface_hub.constants
@@ -15,15 +19,19 @@ import pytest
 import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
+from timm.data.transforms_factory import transforms_imagenet_eval
 
+import hf_ibproj.data
 from hf_ibproj.data import (
     FASHION_MNIST_CLASSES,
     FASHION_MNIST_DIR,
     NO_LABEL,
     ImageData,
     StreamingImageDataset,
+    decode_image,
     load_image_data,
     open_image_dataset,
+    stratified_indices,
 )
 
 
@@ -57,11 +65,15 @@ def _idx_image(images_file, index):
 
 
 def _idx_label(labels_file, index):
+    return _idx_labels(labels_file)[index]
+
+
+def _idx_labels(labels_file):
+    """Every label of an idx1 file, read with struct (header: magic 2049, count)."""
     with gzip.open(FASHION_MNIST_DIR / labels_file, "rb") as f:
-        magic, _count = struct.unpack(">II", f.read(8))
+        magic, count = struct.unpack(">II", f.read(8))
         assert magic == 2049
-        f.seek(8 + index)
-        return f.read(1)[0]
+        return list(struct.unpack(f"{count}B", f.read(count)))
 
 
 @needs_fashion_mnist
@@ -78,27 +90,40 @@ def test_fashion_mnist_from_debian_idx_files():
         assert np.array_equal(train.images[index, 0].numpy(), _idx_image("train-images-idx3-ubyte.gz", index))
         assert train.labels[index] == _idx_label("train-labels-idx1-ubyte.gz", index)
 
-    test = load_image_data("fashion_mnist", "test", channels=3, max_samples=50)
+    # max_samples: the same stratified selection as every other source (1000 test images per class: 5 each)
+    test = load_image_data("fashion_mnist", "test", channels=3, max_samples=50, seed=3)
     assert test.images.shape == (50, 3, 28, 28)
-    for index in (0, 49):
+    assert Counter(test.labels.tolist()) == {c: 5 for c in range(10)}
+    all_labels = _idx_labels("t10k-labels-idx1-ubyte.gz")
+    rows = stratified_indices(torch.tensor(all_labels), 50, seed=3)
+    for position in (0, 49):
+        index = int(rows[position])
         for channel in range(3):  # gray -> RGB repeats the gray value
-            assert np.array_equal(test.images[index, channel].numpy(), _idx_image("t10k-images-idx3-ubyte.gz", index))
-        assert test.labels[index] == _idx_label("t10k-labels-idx1-ubyte.gz", index)
+            assert np.array_equal(test.images[position, channel].numpy(), _idx_image("t10k-images-idx3-ubyte.gz", index))
+        assert test.labels[position] == all_labels[index]
+    assert torch.equal(load_image_data("fashion_mnist", "test", channels=3, max_samples=50, seed=3).images, test.images)
     assert len(load_image_data("fashion_mnist", "test", channels=1)) == 10000
 
 
 @needs_fashion_mnist
 def test_fashion_mnist_resized_and_streamed():
-    small = load_image_data("fashion_mnist", "test", channels=1, image_size=14, max_samples=3)
-    expected = TF.resize(Image.fromarray(_idx_image("t10k-images-idx3-ubyte.gz", 2)), 14, TF.InterpolationMode.BICUBIC)
-    assert small.images.shape == (3, 1, 14, 14)
-    assert np.array_equal(small.images[2, 0].numpy(), np.asarray(expected))
-
     streaming = StreamingImageDataset.from_source("fashion_mnist", "test", channels=1, image_size=28)
     assert len(streaming) == 10000 and streaming.class_names == FASHION_MNIST_CLASSES
-    image, label = streaming[7]
+    image, label, skipped = streaming[7]
     assert np.array_equal(image[0].numpy(), _idx_image("t10k-images-idx3-ubyte.gz", 7))
-    assert label == _idx_label("t10k-labels-idx1-ubyte.gz", 7)
+    assert label == _idx_label("t10k-labels-idx1-ubyte.gz", 7) and skipped == 0
+    assert streaming.labels.tolist() == _idx_labels("t10k-labels-idx1-ubyte.gz")
+
+    # resized (and its crop_pct arithmetic) on the fast path; the subset is the one the stream's labels give
+    for image_size, crop_pct in ((14, 1.0), (28, 0.875)):
+        small = load_image_data("fashion_mnist", "test", channels=1, image_size=image_size, max_samples=3,
+                                seed=1, crop_pct=crop_pct)
+        index = int(stratified_indices(streaming.labels, 3, seed=1)[2])
+        scale = math.floor(image_size / crop_pct)
+        expected = TF.resize(Image.fromarray(_idx_image("t10k-images-idx3-ubyte.gz", index)), scale,
+                             TF.InterpolationMode.BICUBIC)
+        assert small.images.shape == (3, 1, image_size, image_size)
+        assert np.array_equal(small.images[2, 0].numpy(), np.asarray(TF.center_crop(expected, image_size)))
     with pytest.raises(ValueError, match=r"unknown split 'validation'.*\['train', 'test'\]"):
         load_image_data("fashion_mnist", "validation")
 
@@ -169,17 +194,43 @@ def test_image_folder_resized_and_center_cropped_like_torchvision(tmp_path):
     (root / "only").mkdir(parents=True)
     for i, image in enumerate(originals):
         image.save(root / "only" / f"{i}.png")
-    data = load_image_data(str(root), channels=3, image_size=24)
-    assert data.images.shape == (3, 3, 24, 24)
-    for image in originals:
-        reference = TF.center_crop(TF.resize(image, 24, TF.InterpolationMode.BICUBIC), 24)
-        reference = torch.from_numpy(np.asarray(reference).transpose(2, 0, 1).copy())
-        assert sum(torch.equal(reference, loaded) for loaded in data.images) == 1
+    for image_size in (24, 36):  # 36: every image is smaller on one side and is resized up
+        data = load_image_data(str(root), channels=3, image_size=image_size)
+        assert data.images.shape == (3, 3, image_size, image_size)
+        for image in originals:
+            reference = TF.center_crop(TF.resize(image, image_size, TF.InterpolationMode.BICUBIC), image_size)
+            reference = torch.from_numpy(np.asarray(reference).transpose(2, 0, 1).copy())
+            assert sum(torch.equal(reference, loaded) for loaded in data.images) == 1
 
     with pytest.raises(ValueError, match=r"differ in size.*--image-size"):
         load_image_data(str(root))
-    with pytest.raises(ValueError, match=r"24x24 is smaller than the requested image size 25.*lower --image-size"):
-        load_image_data(str(root), image_size=25)
+
+
+@pytest.mark.parametrize("interpolation", ["bicubic", "bilinear", "nearest", "lanczos"])
+@pytest.mark.parametrize("crop_pct", [1.0, 0.875, 0.9])
+def test_decode_image_is_timms_eval_transform(interpolation, crop_pct):
+    """Larger, smaller, wide, tall and square images, RGB and gray: pixel for pixel timm's own eval transform."""
+    rng = _rng(8)
+    for height, width in ((30, 41), (50, 30), (9, 13), (20, 20), (7, 5), (16, 16)):
+        for mode, shape in (("RGB", (height, width, 3)), ("L", (height, width))):
+            image = Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode)
+            reference = transforms_imagenet_eval(img_size=16, crop_pct=crop_pct, interpolation=interpolation,
+                                                 use_prefetcher=True)(image)  # uint8 (C, H, W), not normalized
+            decoded = decode_image(image, 3 if mode == "RGB" else 1, 16, interpolation, crop_pct)
+            assert decoded.shape == tuple(reference.shape) == (3 if mode == "RGB" else 1, 16, 16)
+            assert np.array_equal(decoded, reference.numpy()), (height, width, mode)
+
+
+def test_bad_interpolation_and_crop_pct_are_refused_before_decoding(tmp_path):
+    folder = tmp_path / "folder" / "only"
+    folder.mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(folder / "0.png")
+    with pytest.raises(ValueError, match=r"unknown interpolation 'cubic': choose one of nearest, bilinear, bicubic"):
+        load_image_data(str(tmp_path / "folder"), image_size=8, interpolation="cubic")
+    with pytest.raises(ValueError, match=r"crop_pct must be in \(0, 1\]"):
+        StreamingImageDataset.from_source(str(tmp_path / "folder"), image_size=8, crop_pct=1.2)
+    with pytest.raises(ValueError, match=r"crop_pct must be in \(0, 1\]"):
+        decode_image(np.zeros((8, 8), dtype=np.uint8), 1, 8, crop_pct=0)
 
 
 def test_corrupt_images_are_skipped_and_counted(tmp_path, caplog):
@@ -213,13 +264,155 @@ def test_streaming_dataset_matches_load_image_data(tmp_path):
     streaming = StreamingImageDataset.from_source(str(folder), channels=3, image_size=16)
     loader = torch.utils.data.DataLoader(streaming, batch_size=4, num_workers=0)
     batches = list(loader)
-    assert torch.equal(torch.cat([images for images, _ in batches]), in_memory.images)
-    assert torch.equal(torch.cat([labels for _, labels in batches]), in_memory.labels)
+    assert torch.equal(torch.cat([images for images, _, _ in batches]), in_memory.images)
+    assert torch.equal(torch.cat([labels for _, labels, _ in batches]), in_memory.labels)
+    assert sum(skipped.sum().item() for _, _, skipped in batches) == 0
     assert streaming.class_names == in_memory.class_names == ["a", "b", "c"]
+    assert torch.equal(streaming.labels, in_memory.labels)
 
     (folder / "a" / "0.png").write_bytes(b"broken")  # row 0: replaced by the next decodable row
     streaming = StreamingImageDataset.from_source(str(folder), channels=3, image_size=16)
-    assert torch.equal(streaming[0][0], in_memory.images[1])
+    image, label, skipped = streaming[0]
+    assert torch.equal(image, in_memory.images[1]) and label == 0 and skipped == 1
+
+
+def test_streaming_resizes_small_images_and_counts_corrupt_rows_across_workers(tmp_path):
+    """Too-small images are resized up (bicubic, like timm's eval transform), never fatal; each corrupt row
+    drawn is reported once in the batches that two DataLoader worker processes send back."""
+    folder = tmp_path / "folder"
+    rng = _rng(9)
+    originals = {}
+    for label in ("a", "b"):
+        (folder / label).mkdir(parents=True)
+        for i, size in enumerate([(40, 36), (12, 9), (5, 7), (32, 32)]):  # two larger, two smaller than 32
+            image = Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8))
+            image.save(folder / label / f"{i}.png")
+            originals[(label, i)] = image
+    (folder / "a" / "9_garbage.png").write_bytes(b"not a png at all")
+    (folder / "b" / "9_truncated.png").write_bytes((folder / "b" / "0.png").read_bytes()[:60])
+    streaming = StreamingImageDataset.from_source(str(folder), channels=3, image_size=32)
+    assert len(streaming) == 10 and streaming.labels.tolist() == [0] * 5 + [1] * 5
+    reference = transforms_imagenet_eval(img_size=32, crop_pct=1.0, interpolation="bicubic", use_prefetcher=True)
+    expected = {key: reference(image) for key, image in originals.items()}
+
+    loader = torch.utils.data.DataLoader(streaming, batch_size=3, num_workers=2, shuffle=False)
+    images, labels, skipped = (torch.cat(parts) for parts in zip(*loader))
+    assert images.shape == (10, 3, 32, 32) and skipped.tolist() == [0, 0, 0, 0, 1, 0, 0, 0, 0, 1]
+    for row in range(10):  # rows 4 and 9 (corrupt) hold the next decodable row: 5 ("b"/0) and 0 ("a"/0)
+        label, i = {4: ("b", 0), 9: ("a", 0)}.get(row, (["a", "b"][row // 5], row % 5))
+        assert torch.equal(images[row], expected[(label, i)]) and labels[row] == ["a", "b"].index(label)
+
+
+# ------------------------------------------------------------------------------------------- subsets
+
+
+def _naive_largest_remainder(sizes, count):
+    """Hamilton's apportionment by hand: floor of each exact share, the rest to the largest fractional parts."""
+    total = sum(sizes)
+    exact = [size * count / total for size in sizes]
+    quotas = [math.floor(share) for share in exact]
+    by_remainder = sorted(range(len(sizes)), key=lambda c: exact[c] - quotas[c], reverse=True)
+    for c in by_remainder[: count - sum(quotas)]:
+        quotas[c] += 1
+    return quotas
+
+
+def _per_class(labels, rows):
+    return Counter(labels[rows].tolist())
+
+
+def test_stratified_indices_proportional_to_class_frequencies():
+    # class-sorted, as an imagefolder: the first rows would all be class 0
+    labels = torch.tensor([0] * 50 + [1] * 30 + [2] * 20)
+    rows = stratified_indices(labels, 10, seed=0)
+    assert rows.dtype == torch.int64 and rows.tolist() == sorted(set(rows.tolist()))
+    assert _per_class(labels, rows) == {0: 5, 1: 3, 2: 2}  # exact shares
+    assert torch.equal(stratified_indices(labels, 10, seed=0), rows)  # same seed, same subset
+    assert not torch.equal(stratified_indices(labels, 10, seed=1), rows)
+    assert torch.equal(stratified_indices(labels, 100, seed=0), torch.arange(100))
+    assert torch.equal(stratified_indices(labels, 500, seed=0), torch.arange(100))
+
+    # uneven shares against a hand-written largest-remainder apportionment (distinct remainders: no ties)
+    rng = _rng(10)
+    for _ in range(20):
+        sizes = [int(size) for size in rng.integers(3, 60, size=6)]
+        count = int(rng.integers(6, sum(sizes)))
+        exact = [size * count / sum(sizes) for size in sizes]
+        if len({round(share % 1, 9) for share in exact}) < len(sizes) or min(exact) < 1:
+            continue
+        shuffled_labels = torch.from_numpy(rng.permutation(np.repeat(np.arange(6), sizes)))
+        rows = stratified_indices(shuffled_labels, count, seed=int(rng.integers(1000)))
+        assert len(rows) == count
+        assert [_per_class(shuffled_labels, rows)[c] for c in range(6)] == _naive_largest_remainder(sizes, count)
+
+
+def test_stratified_indices_keep_every_class_when_count_allows():
+    labels = torch.tensor([0] * 97 + [1, 2, 3])  # three rare classes
+    assert _per_class(labels, stratified_indices(labels, 5, seed=0)) == {0: 2, 1: 1, 2: 1, 3: 1}
+    assert _per_class(labels, stratified_indices(labels, 4, seed=0)) == {0: 1, 1: 1, 2: 1, 3: 1}
+    sorted_labels = torch.tensor([0] * 4 + [1] * 4 + [2] * 4)
+    for seed in range(5):
+        counts = _per_class(sorted_labels, stratified_indices(sorted_labels, 4, seed=seed))
+        assert set(counts) == {0, 1, 2} and sorted(counts.values()) == [1, 1, 2]
+    # fewer rows than classes: distinct classes, which ones depends on the seed
+    chosen = {frozenset(_per_class(sorted_labels, stratified_indices(sorted_labels, 2, seed=s))) for s in range(30)}
+    assert all(len(classes) == 2 for classes in chosen) and len(chosen) == 3
+    # labels need not be 0..K-1
+    assert _per_class(torch.tensor([7, 7, -1, -1, 40, 40]), stratified_indices(torch.tensor([7, 7, -1, -1, 40, 40]),
+                                                                               3, seed=2)) == {7: 1, -1: 1, 40: 1}
+
+
+def test_stratified_indices_draw_rows_uniformly():
+    """Every row of a class (and of unlabeled data) is chosen about equally often over many seeds."""
+    labels = torch.tensor([0] * 20 + [1] * 10)
+    seeds = 3000
+    hits = torch.zeros(30)
+    unlabeled_hits = torch.zeros(30)
+    for seed in range(seeds):
+        hits[stratified_indices(labels, 6, seed=seed)] += 1  # 4 of class 0, 2 of class 1
+        unlabeled = stratified_indices(None, 6, seed=seed, num_rows=30)
+        assert len(unlabeled) == 6 == len(set(unlabeled.tolist()))
+        unlabeled_hits[unlabeled] += 1
+    expected = 0.2 * seeds  # 4/20 and 2/10; binomial std ~22, so 5 std ~ 110
+    assert (hits - expected).abs().max() < 110 and (unlabeled_hits - expected).abs().max() < 110
+    assert torch.equal(stratified_indices(None, 6, seed=4, num_rows=30), stratified_indices(None, 6, 4, 30))
+
+
+def test_stratified_indices_bad_input():
+    with pytest.raises(ValueError, match="positive integer"):
+        stratified_indices(torch.tensor([0, 1]), 0, seed=0)
+    with pytest.raises(ValueError, match="needs labels or, for unlabeled data, num_rows"):
+        stratified_indices(None, 3, seed=0)
+    with pytest.raises(ValueError, match="num_rows=5 but 2 labels"):
+        stratified_indices(torch.tensor([0, 1]), 1, seed=0, num_rows=5)
+    with pytest.raises(ValueError, match="one-dimensional"):
+        stratified_indices(torch.zeros(2, 2), 1, seed=0)
+
+
+def test_max_samples_on_a_class_sorted_folder_is_stratified_and_decodes_only_the_subset(tmp_path):
+    folder = tmp_path / "folder"
+    shades = {"ant": 20, "bee": 120, "cat": 220}  # each class its own gray value: images and labels must agree
+    for name, shade in shades.items():
+        (folder / name).mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray(np.full((6, 6), shade + i, dtype=np.uint8)).save(folder / name / f"{i}.png")
+    with patch.object(hf_ibproj.data, "decode_image", wraps=decode_image) as decoded:
+        four = load_image_data(str(folder), channels=1, max_samples=4, seed=0)
+    assert decoded.call_count == 4  # chosen from the label column, then only these decoded
+    assert len(four) == 4 and four.class_names == ["ant", "bee", "cat"]
+    assert set(four.labels.tolist()) == {0, 1, 2} and four.labels.tolist() != [0, 0, 0, 0]
+    for image, label in zip(four.images, four.labels):
+        assert image.min() == image.max() and 0 <= image[0, 0, 0] - list(shades.values())[label] < 6
+    again = load_image_data(str(folder), channels=1, max_samples=4, seed=0)
+    assert torch.equal(again.images, four.images) and torch.equal(again.labels, four.labels)
+    other_seeds = [load_image_data(str(folder), channels=1, max_samples=4, seed=s).images for s in range(1, 6)]
+    assert any(not torch.equal(images, four.images) for images in other_seeds)
+    # the stream's labels give the same subset without decoding anything
+    streaming = StreamingImageDataset.from_source(str(folder), channels=1, image_size=None)
+    with patch.object(hf_ibproj.data, "decode_image", wraps=decode_image) as decoded:
+        rows = stratified_indices(streaming.labels, 4, seed=0)
+    assert decoded.call_count == 0
+    assert torch.equal(torch.stack([streaming[int(row)][0] for row in rows]), four.images)
 
 
 # -------------------------------------------------------------------------------------- save_to_disk
@@ -244,8 +437,12 @@ def test_save_to_disk_dataset_dict_with_class_labels(tmp_path):
     for loaded, original in zip(test.images, test_images):
         assert np.array_equal(loaded.numpy().transpose(1, 2, 0), np.asarray(original))
     gray = load_image_data(str(tmp_path / "saved"), "train", channels=1, max_samples=2)
-    assert gray.images.shape == (2, 1, 6, 6) and gray.labels.tolist() == [0, 1]
-    assert np.abs(gray.images[1, 0].double().numpy() - _luma(np.asarray(train_images[1], dtype=np.float64))).max() <= 1
+    assert gray.images.shape == (2, 1, 6, 6)
+    rows = stratified_indices(torch.tensor([0, 1, 2, 1, 0]), 2, seed=0)
+    assert gray.labels.tolist() == [[0, 1, 2, 1, 0][row] for row in rows]
+    assert set(gray.labels.tolist()) == {0, 1}  # classes 0 and 1 (2 rows each) before 2 (1 row)
+    for loaded, row in zip(gray.images, rows):
+        assert np.abs(loaded[0].double().numpy() - _luma(np.asarray(train_images[row], dtype=np.float64))).max() <= 1
     with pytest.raises(ValueError, match=r"unknown split 'validation'.*\['train', 'test'\]"):
         load_image_data(str(tmp_path / "saved"), "validation")
 
