@@ -23,7 +23,8 @@ import torch
 from hf_ibproj.backbones import create_backbone
 from hf_ibproj.data import load_image_data
 from hf_ibproj.train_config import DEFAULT_PRESET, TrainConfig, read_preset
-from hf_ibproj.evaluation import PRECISIONS, check_labels, extract_features, knn_accuracy, linear_probe, load_backbone
+from hf_ibproj.evaluation import PRECISIONS, check_labels, extract_features, knn_accuracy, linear_probe
+from hf_ibproj.sources import resolve_source
 
 TARGET_SECONDS = 180
 PRESET = TrainConfig(**read_preset(DEFAULT_PRESET)).model_config()
@@ -45,14 +46,15 @@ def main() -> None:
     timings = {}
     start = time.perf_counter()
     if args.model:
-        backbone, preprocessing = load_backbone(args.model)
+        source = resolve_source(args.model)
+        backbone, preprocessing = source.backbone, source.data_config()
         mean, std = preprocessing["mean"], preprocessing["std"]
     else:
         torch.manual_seed(0)
         backbone, mean, std = create_backbone(PRESET.backbone, **PRESET.backbone_kwargs), (0.5,), (0.5,)
     train, test = (load_image_data("fashion_mnist", split, channels=1, max_samples=limit)
                    for split, limit in zip(("train", "test"), max_samples))
-    num_classes = check_labels(train, test)
+    num_classes = check_labels(train.labels, test.labels, train.class_names)
     timings["load_data_s"] = time.perf_counter() - start
 
     phase = time.perf_counter()

@@ -1,4 +1,4 @@
-"""`hf-ibproj` console script. Each concern registers its own sub-commands (`register_cli(subparsers)`)."""
+"""`hf-ibproj` console script. Each command registers its own sub-command (`register_cli(subparsers)`)."""
 
 from __future__ import annotations
 
@@ -6,13 +6,18 @@ import argparse
 import importlib
 import sys
 
+from .arguments import ArgumentParser
+
 # Modules that contribute sub-commands, each through a `register_cli(subparsers)` function.
-_COMMAND_MODULES = ("hf_ibproj.hub", "hf_ibproj.evaluation")
+_COMMAND_MODULES = ("hf_ibproj.hub", "hf_ibproj.evaluate_cli")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-ibproj", description=__doc__)
-    subparsers = parser.add_subparsers(dest="command", required=True)
+    # Sub-commands are HfArgumentParsers: one built from dataclasses passes `dataclass_types=[...]` to add_parser;
+    # one that adds plain argparse arguments gets an HfArgumentParser without dataclasses (a plain parser that
+    # shows defaults in --help).
+    subparsers = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
     for name in _COMMAND_MODULES:
         module = importlib.import_module(name)
         module.register_cli(subparsers)

@@ -3,40 +3,36 @@
 The paper evaluates a linear classifier on FROZEN encoder features; the weighted kNN is the cheap monitor that
 solo-learn and lightly report beside it. Both run on the same features, extracted once per backbone:
 
-    backbone, preprocessing = load_backbone("runs/simclr")        # run folder, saved model, export, timm/Hub id
-    results = evaluate_backbone(backbone, train, test, preprocessing["mean"], preprocessing["std"])
+    source = resolve_source("runs/simclr")                      # hf_ibproj.sources: any model reference
+    config = source.data_config()
+    results = evaluate_backbone(source.backbone, train, test, config["mean"], config["std"])   # ImageData splits
     print(format_table({"trained": results}))
 
-Accuracies are percentages (0-100). Top-5 is reported only when there are more than 5 classes.
-`hf-ibproj evaluate` is the command-line face of this module; train.py calls `evaluate_backbone` at its end.
+Datasets too large to decode into memory go through `extract_dataset_features` (a per-sample Dataset, e.g.
+hf_ibproj.data.StreamingImageDataset, read by DataLoader workers; only the features are kept) and
+`evaluate_features`. Accuracies are percentages (0-100); top-5 is reported only with more than 5 classes.
+Feature extraction and the linear-probe fits show tqdm progress. `hf-ibproj evaluate` (hf_ibproj.evaluate_cli)
+is the command-line face of this module; train.py calls `evaluate_backbone` at its end.
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import json
 import warnings
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-import timm
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
-from huggingface_hub import hf_hub_download
-from huggingface_hub.errors import EntryNotFoundError, HFValidationError
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm.auto import tqdm
 
 from .augmentation import to_model_input
-from .backbones import create_backbone
-from .configuration_ibproj import IBProjConfig
-from .data import ImageData, load_image_data
-from .modeling_ibproj import IBProjModel
+from .data import ImageData
 from .runs import has_native_bf16
 
 WEIGHT_DECAY_GRID = (1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
-PRECISIONS = ("auto", "bf16", "fp32")
+PRECISIONS = ("auto", "no", "bf16")  # accelerate's mixed_precision names; "no" is float32
 KNN_K = 200
 KNN_TEMPERATURE = 0.1
 TOP5_MIN_CLASSES = 6  # top-5 accuracy means something only with more than 5 classes
@@ -48,42 +44,95 @@ TOP5_MIN_CLASSES = 6  # top-5 accuracy means something only with more than 5 cla
 def extract_features(
     backbone: nn.Module,
     images: torch.Tensor,
-    mean: tuple[float, ...] | list[float],
-    std: tuple[float, ...] | list[float],
+    mean: Sequence[float],
+    std: Sequence[float],
     batch_size: int = 512,
     device: torch.device | str | None = None,
     precision: str = "auto",
+    progress: bool = False,
 ) -> torch.Tensor:
     """Pooled features (float32, N x D, on the CPU) of uint8 images (N x C x H x W), without gradient.
 
     Images are scaled to [0, 1] and normalized with `mean` / `std` per channel. `precision="bf16"` runs the
-    backbone under bf16 autocast, `"fp32"` in full precision, `"auto"` in bf16 where the hardware computes it
-    natively (CUDA with bf16, CPUs with AVX512-BF16 or AMX: 2-3x faster) and fp32 elsewhere (a CPU without bf16
-    units emulates it: measured ~1.7x slower than fp32 on the project's AVX512 machine). The backbone is moved to
+    backbone under bf16 autocast, `"no"` in float32, `"auto"` in bf16 where the hardware computes it natively
+    (CUDA with bf16, CPUs with AVX512-BF16 or AMX: 2-3x faster) and float32 elsewhere (a CPU without bf16 units
+    emulates it: measured ~1.7x slower than float32 on the project's AVX512 machine). The backbone is moved to
     `device` (default: where its parameters are) in channels_last memory format and run in eval mode; its
-    train/eval mode is restored afterwards.
+    train/eval mode is restored afterwards. `progress` shows a tqdm bar.
     """
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision={precision!r} is unknown; use one of {', '.join(PRECISIONS)}.")
     if images.dtype != torch.uint8 or images.dim() != 4:
         raise ValueError(f"images must be a uint8 tensor (N, C, H, W); got {images.dtype} {tuple(images.shape)}.")
-    if images.shape[1] != len(mean) or len(mean) != len(std):
-        raise ValueError(
-            f"images have {images.shape[1]} channels but mean/std have {len(mean)}/{len(std)} values; "
-            "load the data with as many channels as the backbone expects."
-        )
+    batches = images.split(batch_size)
+    return _features(backbone, batches, len(batches), mean, std, device, precision, progress)
+
+
+def extract_dataset_features(
+    backbone: nn.Module,
+    dataset: Dataset,
+    indices: Iterable[int] | None,
+    mean: Sequence[float],
+    std: Sequence[float],
+    *,
+    batch_size: int = 512,
+    num_workers: int = 2,
+    device: torch.device | str | None = None,
+    precision: str = "auto",
+    progress: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(features (N x D float32), labels (N int64)) of the items `indices` (None: all) of a per-sample dataset.
+
+    Items are (uint8 image (C, H, W), int label, ...), as hf_ibproj.data.StreamingImageDataset yields (label -1
+    for unlabeled rows); they are decoded by `num_workers` DataLoader workers and only the features are kept,
+    so memory stays bounded for any dataset size. Same preprocessing and precision as `extract_features`.
+    """
+    subset = dataset if indices is None else Subset(dataset, list(indices))
+    device = torch.device(device) if device is not None else next(backbone.parameters()).device
+    loader = DataLoader(subset, batch_size=batch_size, num_workers=num_workers, pin_memory=device.type == "cuda")
+    labels: list[torch.Tensor] = []
+
+    def images() -> Iterable[torch.Tensor]:
+        for batch in loader:
+            labels.append(torch.as_tensor(batch[1], dtype=torch.int64))
+            yield batch[0]
+
+    features = _features(backbone, images(), len(loader), mean, std, device, precision, progress)
+    return features, torch.cat(labels) if labels else torch.empty(0, dtype=torch.int64)
+
+
+def _features(
+    backbone: nn.Module,
+    batches: Iterable[torch.Tensor],
+    num_batches: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    device: torch.device | str | None,
+    precision: str,
+    progress: bool,
+) -> torch.Tensor:
+    """The extraction loop shared by in-memory and per-sample data: uint8 batches -> float32 CPU features."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r} is unknown; use one of {', '.join(PRECISIONS)}.")
+    if len(mean) != len(std):
+        raise ValueError(f"mean and std have {len(mean)} and {len(std)} values; give one per channel to both.")
     device = torch.device(device) if device is not None else next(backbone.parameters()).device
     backbone.to(device=device, memory_format=torch.channels_last)
     use_bf16 = precision == "bf16" or (precision == "auto" and has_native_bf16(device))
     was_training = backbone.training
     backbone.eval()
     features = []
-    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-        for start in range(0, len(images), batch_size):
-            batch = to_model_input(images[start : start + batch_size].to(device, non_blocking=True), mean, std)
-            batch = batch.contiguous(memory_format=torch.channels_last)
-            features.append(backbone(batch).float().cpu())
-    backbone.train(was_training)
+    try:
+        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            for batch in tqdm(batches, total=num_batches, desc="features", unit="batch", disable=not progress,
+                              leave=False):
+                if batch.shape[1] != len(mean):
+                    raise ValueError(
+                        f"images have {batch.shape[1]} channels but mean/std have {len(mean)} values; "
+                        "load the data with as many channels as the backbone expects."
+                    )
+                batch = to_model_input(batch.to(device, non_blocking=True), mean, std)
+                features.append(backbone(batch.contiguous(memory_format=torch.channels_last)).float().cpu())
+    finally:
+        backbone.train(was_training)
     return torch.cat(features) if features else torch.empty(0, 0)
 
 
@@ -156,6 +205,7 @@ def linear_probe(
     max_iter: int = 1000,
     select_max_iter: int = 150,
     seed: int = 0,
+    progress: bool = False,
 ) -> dict[str, float]:
     """Multinomial logistic regression on standardized frozen features; returns top1, top5, weight_decay.
 
@@ -166,6 +216,7 @@ def linear_probe(
     scored on test. The objective is mean cross-entropy + weight_decay / 2 * ||W||^2 (bias not penalized), i.e.
     scikit-learn's LogisticRegression with C = 1 / (weight_decay * n_train); it is convex and solved with
     full-batch L-BFGS in float32 (a few hundred iterations for 60k x 256 features, tens of seconds on 2 cores).
+    `progress` shows a tqdm bar of the L-BFGS function evaluations of every fit.
     """
     if not weight_decays or min(weight_decays) <= 0:
         raise ValueError(f"weight_decays must be positive values; got {weight_decays}.")
@@ -177,18 +228,22 @@ def linear_probe(
 
     params = None
     best_accuracy, best_weight_decay, best_params = -1.0, weight_decays[0], None
-    if len(weight_decays) > 1:
-        fit_index, val_index = _split_validation(len(x_train), val_fraction, seed)
-        for weight_decay in sorted(weight_decays, reverse=True):
-            params, _ = _fit_logistic_regression(
-                x_train[fit_index], train_labels[fit_index], num_classes, weight_decay, params, select_max_iter
-            )
-            accuracy = _accuracy(x_train[val_index], train_labels[val_index], params)
-            if accuracy > best_accuracy:
-                best_accuracy, best_weight_decay, best_params = accuracy, weight_decay, params
-    params, iterations = _fit_logistic_regression(
-        x_train, train_labels, num_classes, best_weight_decay, best_params, max_iter
-    )
+    with tqdm(desc="linear probe", unit="step", disable=not progress, leave=False) as bar:
+        if len(weight_decays) > 1:
+            fit_index, val_index = _split_validation(len(x_train), val_fraction, seed)
+            for weight_decay in sorted(weight_decays, reverse=True):
+                bar.set_description(f"linear probe: weight decay {weight_decay:g}")
+                params, _ = _fit_logistic_regression(
+                    x_train[fit_index], train_labels[fit_index], num_classes, weight_decay, params, select_max_iter,
+                    bar.update,
+                )
+                accuracy = _accuracy(x_train[val_index], train_labels[val_index], params)
+                if accuracy > best_accuracy:
+                    best_accuracy, best_weight_decay, best_params = accuracy, weight_decay, params
+        bar.set_description(f"linear probe: refit at weight decay {best_weight_decay:g}")
+        params, iterations = _fit_logistic_regression(
+            x_train, train_labels, num_classes, best_weight_decay, best_params, max_iter, bar.update
+        )
     if iterations >= max_iter:
         warnings.warn(f"linear probe: L-BFGS did not converge in {max_iter} iterations; raise max_iter.")
     weight, bias = params
@@ -214,8 +269,12 @@ def _fit_logistic_regression(
     weight_decay: float,
     init: tuple[torch.Tensor, torch.Tensor] | None,
     max_iter: int,
+    on_evaluation: Callable[[], Any],
 ) -> tuple[tuple[torch.Tensor, torch.Tensor], int]:
-    """((weight, bias), iterations) minimizing mean cross-entropy + weight_decay / 2 * ||weight||^2 (L-BFGS)."""
+    """((weight, bias), iterations) minimizing mean cross-entropy + weight_decay / 2 * ||weight||^2 (L-BFGS).
+
+    `on_evaluation` is called at every function evaluation (the progress bar).
+    """
     if init is None:
         weight = torch.zeros(num_classes, x.shape[1], dtype=x.dtype, device=x.device)
         bias = torch.zeros(num_classes, dtype=x.dtype, device=x.device)
@@ -239,6 +298,7 @@ def _fit_logistic_regression(
         residual = (log_probs.exp() - one_hot) / len(x)
         weight.grad = residual.T @ x + weight_decay * weight
         bias.grad = residual.sum(dim=0)
+        on_evaluation()
         return -(log_probs * one_hot).sum() / len(x) + 0.5 * weight_decay * weight.square().sum()
 
     optimizer.step(closure)
@@ -257,8 +317,8 @@ def evaluate_backbone(
     backbone: nn.Module,
     train: ImageData,
     test: ImageData,
-    mean: tuple[float, ...] | list[float],
-    std: tuple[float, ...] | list[float],
+    mean: Sequence[float],
+    std: Sequence[float],
     *,
     batch_size: int = 512,
     device: torch.device | str | None = None,
@@ -266,20 +326,45 @@ def evaluate_backbone(
     knn_k: int = KNN_K,
     knn_temperature: float = KNN_TEMPERATURE,
     seed: int = 0,
+    progress: bool = True,
 ) -> dict[str, Any]:
-    """Linear-probe and kNN accuracy (percent) of a frozen backbone; features are extracted once per split.
+    """Linear-probe and kNN accuracy (percent) of a frozen backbone on in-memory splits (`evaluate_features`).
+
+    Features are extracted once per split; `progress` shows tqdm bars for the extraction and the probe fits.
+    """
+    class_names = shared_class_names(train.class_names, test.class_names)
+    check_labels(train.labels, test.labels, class_names)  # before the costly extraction
+    train_features = extract_features(backbone, train.images, mean, std, batch_size, device, precision, progress)
+    test_features = extract_features(backbone, test.images, mean, std, batch_size, device, precision, progress)
+    return evaluate_features(train_features, train.labels, test_features, test.labels, class_names=class_names,
+                             knn_k=knn_k, knn_temperature=knn_temperature, seed=seed, progress=progress)
+
+
+def evaluate_features(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_features: torch.Tensor,
+    test_labels: torch.Tensor,
+    *,
+    class_names: Sequence[str] | None = None,
+    knn_k: int = KNN_K,
+    knn_temperature: float = KNN_TEMPERATURE,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Linear-probe and kNN accuracy (percent) of frozen features with their labels.
 
     Returns a flat dict: linear_top1, linear_top5, linear_weight_decay, knn_top1, knn_top5 (the top-5 keys only
-    with more than 5 classes), num_classes, num_features, num_train, num_test.
+    with more than 5 classes), num_classes (len(class_names) when given, else the largest label + 1),
+    num_features, num_train, num_test.
     """
-    num_classes = check_labels(train, test)
-    train_features = extract_features(backbone, train.images, mean, std, batch_size, device, precision)
-    test_features = extract_features(backbone, test.images, mean, std, batch_size, device, precision)
+    num_classes = check_labels(train_labels, test_labels, class_names)
     if not (torch.isfinite(train_features).all() and torch.isfinite(test_features).all()):
         raise ValueError("the backbone produced non-finite features (NaN or inf): its weights have diverged; "
                          "evaluate an earlier checkpoint or retrain with a lower learning rate.")
-    linear = linear_probe(train_features, train.labels, test_features, test.labels, num_classes, seed=seed)
-    knn = knn_accuracy(train_features, train.labels, test_features, test.labels, num_classes, knn_k, knn_temperature)
+    linear = linear_probe(train_features, train_labels, test_features, test_labels, num_classes, seed=seed,
+                          progress=progress)
+    knn = knn_accuracy(train_features, train_labels, test_features, test_labels, num_classes, knn_k, knn_temperature)
     return {
         **{f"linear_{name}": value for name, value in linear.items()},
         **{f"knn_{name}": value for name, value in knn.items()},
@@ -290,25 +375,25 @@ def evaluate_backbone(
     }
 
 
-def check_labels(train: ImageData, test: ImageData) -> int:
-    """The number of classes, after checking both splits are labeled with the same set of classes."""
-    for name, split in (("train", train), ("test", test)):
-        if split.labels is None:
+def check_labels(
+    train_labels: torch.Tensor | None, test_labels: torch.Tensor | None, class_names: Sequence[str] | None = None
+) -> int:
+    """The number of classes, after checking both splits are labeled (no None, no -1) with the same classes."""
+    for name, labels in (("train", train_labels), ("test", test_labels)):
+        if labels is None or (labels < 0).any():
             raise ValueError(
-                f"the {name} split has no labels; frozen-backbone evaluation needs a labeled dataset "
-                "(pass --label-column NAME if the labels are in a column with another name)."
+                f"the {name} split has no labels (or unlabeled rows); frozen-backbone evaluation needs a labeled "
+                "dataset (pass --label-column NAME if the labels are in a column with another name)."
             )
-        if len(split.labels) == 0:
+        if len(labels) == 0:
             raise ValueError(f"the {name} split is empty.")
-    if train.class_names and test.class_names and list(train.class_names) != list(test.class_names):
-        raise ValueError(
-            f"train and test splits name their classes differently: {train.class_names} vs {test.class_names}."
-        )
-    train_classes = set(train.labels.unique().tolist())
-    test_classes = set(test.labels.unique().tolist())
-    names = train.class_names or test.class_names
+    train_classes = set(train_labels.unique().tolist())
+    test_classes = set(test_labels.unique().tolist())
+    if class_names and max(train_classes | test_classes) >= len(class_names):
+        raise ValueError(f"labels go up to {max(train_classes | test_classes)} but there are {len(class_names)} "
+                         "class names; check --label-column.")
     if train_classes != test_classes:
-        describe = lambda ids: ", ".join(names[i] if names else str(i) for i in sorted(ids))  # noqa: E731
+        describe = lambda ids: ", ".join(class_names[i] if class_names else str(i) for i in sorted(ids))
         problems = []
         if train_classes - test_classes:
             problems.append(f"classes missing from test: {describe(train_classes - test_classes)}")
@@ -316,9 +401,17 @@ def check_labels(train: ImageData, test: ImageData) -> int:
             problems.append(f"classes missing from train: {describe(test_classes - train_classes)}")
         raise ValueError(
             f"train and test splits do not cover the same classes ({'; '.join(problems)}); use splits that "
-            "both contain every class (or a larger --max-samples)."
+            "both contain every class (or a larger --max-samples / --eval-max-samples)."
         )
-    return len(names) if names else max(train_classes) + 1
+    return len(class_names) if class_names else max(train_classes) + 1
+
+
+def shared_class_names(train_names: Sequence[str] | None, test_names: Sequence[str] | None) -> list[str] | None:
+    """The class names of two splits (either may have none), which must agree where both have them."""
+    if train_names and test_names and list(train_names) != list(test_names):
+        raise ValueError(f"train and test splits name their classes differently: {train_names} vs {test_names}.")
+    names = train_names or test_names
+    return list(names) if names else None
 
 
 def format_table(results: dict[str, dict[str, Any]]) -> str:
@@ -336,175 +429,3 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
 
 def _percent(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
-
-
-# --------------------------------------------------------------------------------------------- loading
-
-
-def load_backbone(model: str, random_init: bool = False, seed: int = 0) -> tuple[nn.Module, dict[str, Any]]:
-    """A pooled-feature backbone and its preprocessing (mean, std, input_size (C, H, W), interpolation).
-
-    `model` is, in this order: a training run folder (with a `model/` subfolder), a saved IBProjModel folder
-    (config.json with model_type "ibproj"), an exported timm backbone folder (config.json with "architecture"),
-    a timm architecture name (with pretrained weights), or a Hub id (`owner/name` or `hf-hub:owner/name`, fetched
-    from HF_ENDPOINT; its config.json decides between IBProjModel and timm). `random_init=True` builds the same
-    architecture with fresh weights (seeded by `seed`): the untrained floor of the evaluation.
-    """
-    name = model.removeprefix("local-dir:")
-    path = Path(name).expanduser()
-    if path.is_dir():
-        return _load_from_folder(path, random_init, seed)
-    if path.exists():
-        raise ValueError(f"--model {model!r} is a file; pass the folder that holds config.json (or a run folder).")
-    if name.startswith("hf-hub:"):
-        return _load_from_hub(name.removeprefix("hf-hub:"), random_init, seed)
-    if timm.is_model(name):
-        return _load_timm(name, random_init, seed, require_weights=True)
-    if name.count("/") == 1 and not name.startswith((".", "/", "~")):
-        return _load_from_hub(name, random_init, seed)
-    raise ValueError(
-        f"--model {model!r} does not resolve: it is not an existing folder (run folder, saved IBProjModel, exported "
-        "backbone), not a timm architecture (timm.list_models()), and not a Hub id of the form owner/name."
-    )
-
-
-def _load_from_folder(path: Path, random_init: bool, seed: int) -> tuple[nn.Module, dict[str, Any]]:
-    if (path / "model" / "config.json").is_file():  # a training run folder
-        return _load_ibproj(str(path / "model"), random_init, seed)
-    if not (path / "config.json").is_file():
-        raise ValueError(
-            f"folder {str(path)!r} is not a training run (no model/config.json), nor a saved IBProjModel or "
-            "exported backbone (no config.json); pass one of those."
-        )
-    config = json.loads((path / "config.json").read_text())
-    if config.get("model_type") == IBProjConfig.model_type:
-        return _load_ibproj(str(path), random_init, seed)
-    if "architecture" in config:
-        return _load_timm(f"local-dir:{path}", random_init, seed)
-    raise ValueError(
-        f"{path / 'config.json'} describes neither an IBProjModel (model_type 'ibproj') nor a timm backbone "
-        "('architecture' key); pass a run folder, a saved IBProjModel or an exported backbone folder."
-    )
-
-
-def _load_from_hub(repo_id: str, random_init: bool, seed: int) -> tuple[nn.Module, dict[str, Any]]:
-    try:
-        config_file = hf_hub_download(repo_id, "config.json")
-    except (OSError, ConnectionError, EntryNotFoundError, HFValidationError) as error:
-        raise ValueError(
-            f"--model {repo_id!r} is not a local folder or timm architecture, and the Hub repository could not be "
-            f"fetched ({type(error).__name__}: {str(error).splitlines()[0]}). Check the id, the network or "
-            "HF_ENDPOINT, or pass a local folder."
-        ) from error
-    config = json.loads(Path(config_file).read_text())
-    if config.get("model_type") == IBProjConfig.model_type:
-        return _load_ibproj(repo_id, random_init, seed)
-    if "architecture" in config:
-        return _load_timm(f"hf-hub:{repo_id}", random_init, seed)
-    raise ValueError(f"Hub repository {repo_id!r} holds neither an IBProjModel nor a timm backbone config.json.")
-
-
-def _load_ibproj(source: str, random_init: bool, seed: int) -> tuple[nn.Module, dict[str, Any]]:
-    """The encoder of a saved IBProjModel (folder or Hub id); preprocessing from its config."""
-    config = IBProjConfig.from_pretrained(source)
-    if random_init:
-        with _seeded(seed):
-            backbone = create_backbone(config.backbone, **config.backbone_kwargs)
-    else:
-        backbone = IBProjModel.from_pretrained(source).backbone
-    channels = config.backbone_kwargs.get("in_chans", 3)
-    preprocessing = {
-        "mean": tuple(config.image_mean),
-        "std": tuple(config.image_std),
-        "input_size": (channels, config.image_size, config.image_size),
-        "interpolation": config.interpolation,
-    }
-    return backbone, preprocessing
-
-
-def _load_timm(
-    name: str, random_init: bool, seed: int, require_weights: bool = False
-) -> tuple[nn.Module, dict[str, Any]]:
-    """A timm model without classifier (`local-dir:`, `hf-hub:` or registry name); preprocessing from pretrained_cfg."""
-    if require_weights and not random_init and not _has_pretrained_weights(name):
-        raise ValueError(
-            f"timm architecture {name!r} has no pretrained weights to evaluate; pass a trained checkpoint "
-            "(run folder, saved model, exported backbone or Hub id), or a tagged timm name such as 'resnet18.a1_in1k'."
-        )
-    try:
-        with _seeded(seed):
-            backbone = timm.create_model(name, pretrained=not random_init, num_classes=0)
-    except (OSError, ConnectionError, EntryNotFoundError) as error:
-        raise ValueError(f"could not load the weights of {name!r}: {str(error).splitlines()[0]}") from error
-    data_config = timm.data.resolve_data_config(model=backbone)
-    preprocessing = {key: data_config[key] for key in ("mean", "std", "input_size", "interpolation")}
-    return backbone, preprocessing
-
-
-def _has_pretrained_weights(name: str) -> bool:
-    cfg = timm.models.get_pretrained_cfg(name)
-    return cfg is not None and bool(cfg.url or cfg.hf_hub_id or cfg.file or cfg.state_dict)
-
-
-@contextlib.contextmanager
-def _seeded(seed: int) -> Iterator[None]:
-    """Run a block with the CPU generator seeded, leaving the caller's random state untouched."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
-
-
-# --------------------------------------------------------------------------------------------- command line
-
-
-def register_cli(subparsers: argparse._SubParsersAction) -> None:
-    """`hf-ibproj evaluate --model M --dataset D [--random-init]`: the table on stdout, the numbers as JSON."""
-    parser = subparsers.add_parser(
-        "evaluate",
-        help="linear probe and kNN accuracy of a frozen backbone",
-        description="Extract features once, then a linear probe (logistic regression, weight decay chosen on a "
-        "validation split of train) and a weighted kNN (cosine, k=200, T=0.1). Accuracies in percent.",
-    )
-    parser.add_argument("--model", required=True,
-                        help="run folder, saved IBProjModel folder, exported backbone folder, timm name or Hub id")
-    parser.add_argument("--dataset", required=True, help="Hub id, image folder, save_to_disk folder or fashion_mnist")
-    parser.add_argument("--split-train", default="train")
-    parser.add_argument("--split-test", default="test")
-    parser.add_argument("--image-column", default=None, help="default: detected (image, img, ...)")
-    parser.add_argument("--label-column", default=None, help="default: detected (label, labels, ...)")
-    parser.add_argument("--random-init", action="store_true",
-                        help="also evaluate the same architecture untrained (the floor) and print both rows")
-    parser.add_argument("--batch-size", type=int, default=512, help="feature-extraction batch size")
-    parser.add_argument("--precision", choices=PRECISIONS, default="auto", help="feature-extraction precision")
-    parser.add_argument("--device", default=None, help="feature-extraction device; default cuda when available")
-    parser.add_argument("--max-samples", type=int, default=None, help="use the first N images of each split")
-    parser.add_argument("--output", type=Path, default=None, help="write the results to this JSON file")
-    parser.set_defaults(func=_evaluate_command)
-
-
-def _evaluate_command(args: argparse.Namespace) -> int:
-    backbone, preprocessing = load_backbone(args.model)
-    channels, height, width = preprocessing["input_size"]
-    if height != width:
-        raise ValueError(f"the backbone expects {height}x{width} inputs; only square inputs are supported.")
-    train, test = (
-        load_image_data(args.dataset, split, image_column=args.image_column, label_column=args.label_column,
-                        channels=channels, image_size=height, max_samples=args.max_samples)
-        for split in (args.split_train, args.split_test)
-    )
-    models = {"trained": backbone}
-    if args.random_init:
-        models["random-init"] = load_backbone(args.model, random_init=True)[0]
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    results = {
-        name: evaluate_backbone(model, train, test, preprocessing["mean"], preprocessing["std"],
-                                batch_size=args.batch_size, device=device, precision=args.precision)
-        for name, model in models.items()
-    }
-    print(format_table(results))
-    if args.output is not None:
-        report = {"model": args.model, "dataset": args.dataset, "split_train": args.split_train,
-                  "split_test": args.split_test, "results": results}
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps(report, indent=2) + "\n")
-    return 0

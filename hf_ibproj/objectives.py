@@ -128,3 +128,76 @@ def barlow_twins_loss(
             off_diagonal = c.pow(2).sum() - diagonal.pow(2).sum()
             pair_losses.append(scale * (on_diagonal + lambda_offdiag * off_diagonal))
     return torch.stack(pair_losses).mean()
+
+
+# --------------------------------------------------------------------------------------------- loss modules
+
+
+def _stack_views(z0: torch.Tensor, z1: torch.Tensor | None) -> torch.Tensor:
+    """(z0, z1) of shape (batch, dim) each -> (2, batch, dim); z0 alone is already (views, batch, dim)."""
+    if z1 is None:
+        return z0
+    if z0.shape != z1.shape or z0.dim() != 2:
+        raise ValueError(f"z0 and z1 must both be (batch, dim); got {tuple(z0.shape)} and {tuple(z1.shape)}.")
+    return torch.stack([z0, z1])
+
+
+class NTXentLoss(torch.nn.Module):
+    """NT-Xent (SimCLR) as a module, for training loops in the style of lightly: `loss = criterion(z0, z1)`.
+
+    `nt_xent_loss` with its hyper-parameters fixed: temperature `tau` (paper 0.2) and, under torch.distributed,
+    negatives gathered from every process with their gradient. forward(z0, z1) takes the projections of two views
+    (batch, dim) each; forward(views) takes V >= 2 views stacked as (V, batch, dim).
+
+    Examples:
+        >>> import torch
+        >>> from hf_ibproj.objectives import NTXentLoss
+        >>> criterion = NTXentLoss(tau=0.2)
+        >>> z0, z1 = torch.randn(8, 16), torch.randn(8, 16)   # projector outputs of two views of 8 images
+        >>> loss = criterion(z0, z1)
+        >>> loss.shape
+        torch.Size([])
+    """
+
+    def __init__(self, tau: float = 0.2, gather_distributed: bool = True) -> None:
+        super().__init__()
+        if tau <= 0:
+            raise ValueError(f"tau must be > 0, got {tau}.")
+        self.tau, self.gather_distributed = tau, gather_distributed
+
+    def forward(self, z0: torch.Tensor, z1: torch.Tensor | None = None) -> torch.Tensor:
+        return nt_xent_loss(_stack_views(z0, z1), self.tau, self.gather_distributed)
+
+    def extra_repr(self) -> str:
+        return f"tau={self.tau}, gather_distributed={self.gather_distributed}"
+
+
+class BarlowTwinsLoss(torch.nn.Module):
+    """Barlow Twins as a module, for training loops in the style of lightly: `loss = criterion(z0, z1)`.
+
+    `barlow_twins_loss` with its hyper-parameters fixed: off-diagonal weight `lambda_offdiag` (paper 0.0051),
+    overall `scale` (paper 0.1) and, under torch.distributed, batch statistics and cross-correlation reduced over
+    every process with their gradient. forward(z0, z1) takes the projections of two views (batch, dim) each;
+    forward(views) takes V >= 2 views stacked as (V, batch, dim) (the loss averages all pairs).
+
+    Examples:
+        >>> import torch
+        >>> from hf_ibproj.objectives import BarlowTwinsLoss
+        >>> criterion = BarlowTwinsLoss(lambda_offdiag=0.0051, scale=0.1)
+        >>> z0, z1 = torch.randn(8, 16), torch.randn(8, 16)   # projector outputs of two views of 8 images
+        >>> loss = criterion(z0, z1)
+        >>> loss.shape
+        torch.Size([])
+    """
+
+    def __init__(self, lambda_offdiag: float = 0.0051, scale: float = 0.1, gather_distributed: bool = True) -> None:
+        super().__init__()
+        if lambda_offdiag < 0 or scale <= 0:
+            raise ValueError(f"need lambda_offdiag >= 0 and scale > 0; got {lambda_offdiag} and {scale}.")
+        self.lambda_offdiag, self.scale, self.gather_distributed = lambda_offdiag, scale, gather_distributed
+
+    def forward(self, z0: torch.Tensor, z1: torch.Tensor | None = None) -> torch.Tensor:
+        return barlow_twins_loss(_stack_views(z0, z1), self.lambda_offdiag, self.scale, self.gather_distributed)
+
+    def extra_repr(self) -> str:
+        return f"lambda_offdiag={self.lambda_offdiag}, scale={self.scale}, gather_distributed={self.gather_distributed}"

@@ -1,4 +1,5 @@
-"""Frozen-backbone evaluation: kNN against a naive loop, linear probe against scikit-learn, backbone resolution."""
+"""Frozen-backbone evaluation: kNN against a naive loop, linear probe against scikit-learn, feature extraction against
+a manual forward, and `hf-ibproj evaluate` on datasets unlike the backbone (size, channels) against timm's transform."""
 
 from __future__ import annotations
 
@@ -19,12 +20,13 @@ from hf_ibproj import IBProjConfig, IBProjModel
 from hf_ibproj.data import ImageData
 from hf_ibproj.evaluation import (
     evaluate_backbone,
+    evaluate_features,
+    extract_dataset_features,
     extract_features,
     format_table,
     knn_accuracy,
     knn_predict,
     linear_probe,
-    load_backbone,
 )
 
 TINY = {"in_chans": 1, "channels": [8, 16, 32, 64]}
@@ -129,7 +131,7 @@ def test_extract_features_normalizes_and_batches_like_a_manual_forward():
     images = torch.randint(0, 256, (10, 1, 12, 12), dtype=torch.uint8)
     expected = backbone.eval()((images.float() / 255 - 0.3) / 0.2).detach()
     backbone.train()
-    features = extract_features(backbone, images, (0.3,), (0.2,), batch_size=4, precision="fp32")
+    features = extract_features(backbone, images, (0.3,), (0.2,), batch_size=4, precision="no")
     torch.testing.assert_close(features, expected, rtol=1e-4, atol=1e-4)
     assert backbone.training  # the caller's mode is restored
     reduced = extract_features(backbone, images, (0.3,), (0.2,), batch_size=4, precision="bf16")
@@ -137,6 +139,65 @@ def test_extract_features_normalizes_and_batches_like_a_manual_forward():
     torch.testing.assert_close(reduced, expected, rtol=0.1, atol=0.05)
     with pytest.raises(ValueError, match="channels"):
         extract_features(backbone, images.expand(-1, 3, -1, -1), (0.3,), (0.2,))
+
+
+class PairsDataset(torch.utils.data.Dataset):
+    """(uint8 image, label) items, the protocol of hf_ibproj.data.StreamingImageDataset."""
+
+    def __init__(self, images, labels):
+        self.images, self.labels = images, labels
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, index):
+        return self.images[index], int(self.labels[index])
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_extract_dataset_features_reads_the_given_rows_like_a_manual_forward(num_workers):
+    torch.manual_seed(0)
+    backbone = timm.create_model("resnet18_small", num_classes=0, **TINY)
+    images = torch.randint(0, 256, (13, 1, 12, 12), dtype=torch.uint8)
+    labels = torch.arange(13) % 4
+    rows = [11, 0, 5, 5, 7, 2, 12]  # any order, repeats allowed
+    expected = backbone.eval()((images[rows].float() / 255 - 0.3) / 0.2).detach()
+    features, got_labels = extract_dataset_features(backbone, PairsDataset(images, labels), rows, (0.3,), (0.2,),
+                                                    batch_size=3, num_workers=num_workers, precision="no")
+    torch.testing.assert_close(features, expected, rtol=1e-4, atol=1e-4)
+    assert got_labels.dtype == torch.int64 and got_labels.tolist() == labels[rows].tolist()
+    everything, _ = extract_dataset_features(backbone, PairsDataset(images, labels), None, (0.3,), (0.2,),
+                                             batch_size=5, num_workers=0, precision="no", progress=False)
+    assert everything.shape == (13, 64)
+
+
+def test_progress_bars_show_extraction_and_probe_fits(capsys):
+    torch.manual_seed(0)
+    backbone = timm.create_model("resnet18_small", num_classes=0, **TINY)
+    evaluate_backbone(backbone, color_dataset(40), color_dataset(20, seed=1), (0.5,), (0.5,), knn_k=5)
+    shown = capsys.readouterr().err
+    assert "features" in shown and "linear probe: refit at weight decay" in shown
+    evaluate_backbone(backbone, color_dataset(40), color_dataset(20, seed=1), (0.5,), (0.5,), knn_k=5,
+                      progress=False)
+    assert capsys.readouterr().err == ""
+
+
+def test_evaluate_features_checks_labels_and_class_names():
+    train, train_labels = gaussian_classes(300, num_classes=3, dim=8, seed=4)
+    test, test_labels = gaussian_classes(90, num_classes=3, dim=8, seed=5)
+    result = evaluate_features(train, train_labels, test, test_labels, knn_k=10, progress=False)
+    expected_linear = linear_probe(train, train_labels, test, test_labels, 3)
+    assert result["linear_top1"] == expected_linear["top1"] and result["num_classes"] == 3
+    assert result["knn_top1"] == knn_accuracy(train, train_labels, test, test_labels, 3, k=10)["top1"]
+    # class names fix the number of classes even when the labels stop short of the last one
+    assert evaluate_features(train, train_labels, test, test_labels, class_names=list("abcd"), knn_k=10,
+                             progress=False)["num_classes"] == 4
+    with pytest.raises(ValueError, match="no labels"):  # streaming datasets mark unlabeled rows with -1
+        evaluate_features(train, torch.full_like(train_labels, -1), test, test_labels)
+    with pytest.raises(ValueError, match="2 class names"):
+        evaluate_features(train, train_labels, test, test_labels, class_names=["a", "b"])
+    with pytest.raises(ValueError, match="non-finite"):
+        evaluate_features(train * float("nan"), train_labels, test, test_labels)
 
 
 def color_dataset(n, num_classes=3, size=12, seed=0, labeled=True):
@@ -174,14 +235,13 @@ def test_evaluate_backbone_rejects_unlabeled_data_and_missing_classes():
         evaluate_backbone(backbone, color_dataset(30), two_classes, (0.5,), (0.5,))
 
 
-# ------------------------------------------------------------------------------------------------ loading
+# ------------------------------------------------------------------------------------------------ command line
 
 
-@pytest.fixture(scope="module")
-def trained_model():
+def tiny_model(channels, image_size, mean, std):
     torch.manual_seed(0)
-    config = IBProjConfig(backbone="resnet18_small", backbone_kwargs=TINY, image_size=12, image_mean=[0.3],
-                          image_std=[0.2])
+    config = IBProjConfig(backbone="resnet18_small", backbone_kwargs={"in_chans": channels, "channels": [8, 16, 32, 64]},
+                          image_size=image_size, image_mean=[mean] * channels, image_std=[std] * channels)
     model = IBProjModel(config)
     with torch.no_grad():  # make the weights unlike any fresh initialization
         for parameter in model.backbone.parameters():
@@ -189,104 +249,12 @@ def trained_model():
     return model.eval()
 
 
-def reference_features(model, images):
-    return model.backbone((images.float() / 255 - 0.3) / 0.2).detach()
-
-
-def test_load_backbone_resolves_run_folder_saved_model_and_exported_folder(trained_model, tmp_path):
-    trained_model.save_pretrained(tmp_path / "run" / "model")
-    trained_model.save_pretrained(tmp_path / "saved")
-    timm.models.save_for_hf(  # timm's own Hub folder layout: config.json with architecture + model.safetensors
-        trained_model.backbone, tmp_path / "exported", safe_serialization=True,
-        data_config={"input_size": (1, 12, 12), "mean": (0.3,), "std": (0.2,)},
-    )
-    images = torch.randint(0, 256, (6, 1, 12, 12), dtype=torch.uint8)
-    expected = reference_features(trained_model, images)
-    for folder in ("run", "saved", "exported"):
-        backbone, preprocessing = load_backbone(str(tmp_path / folder))
-        assert preprocessing["input_size"] == (1, 12, 12)
-        assert tuple(preprocessing["mean"]) == pytest.approx((0.3,))
-        assert tuple(preprocessing["std"]) == pytest.approx((0.2,))
-        features = extract_features(backbone, images, preprocessing["mean"], preprocessing["std"], precision="fp32")
-        torch.testing.assert_close(features, expected, rtol=1e-4, atol=1e-4, msg=folder)
-
-
-def test_load_backbone_random_init_is_the_same_architecture_with_fresh_seeded_weights(trained_model, tmp_path):
-    trained_model.save_pretrained(tmp_path / "run" / "model")
-    trained = trained_model.backbone.state_dict()
-    fresh, preprocessing = load_backbone(str(tmp_path / "run"), random_init=True)
-    again, _ = load_backbone(str(tmp_path / "run"), random_init=True)
-    assert preprocessing["input_size"] == (1, 12, 12)
-    assert {k: v.shape for k, v in fresh.state_dict().items()} == {k: v.shape for k, v in trained.items()}
-    assert not torch.equal(fresh.conv1.weight, trained["conv1.weight"])
-    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), again.state_dict().values()))
-
-
-def test_load_backbone_timm_name():
-    backbone, preprocessing = load_backbone("resnet18_small", random_init=True)
-    assert backbone.num_features == 512 and backbone.num_classes == 0
-    assert preprocessing["input_size"] == (3, 32, 32)
-    with pytest.raises(ValueError, match="no pretrained weights"):
-        load_backbone("resnet18_small")
-
-
-def test_load_backbone_errors_are_clear_and_fast(tmp_path, monkeypatch):
-    import huggingface_hub.constants
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    start = time.monotonic()
-    with pytest.raises(ValueError, match="could not be fetched"):
-        load_backbone("nobody/no-such-backbone")
-    assert time.monotonic() - start < 10
-    with pytest.raises(ValueError, match="does not resolve"):
-        load_backbone("not_a_timm_model_or_folder")
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="no config.json"):
-        load_backbone(str(tmp_path / "empty"))
-    (tmp_path / "other").mkdir()
-    (tmp_path / "other" / "config.json").write_text(json.dumps({"model_type": "bert"}))
-    with pytest.raises(ValueError, match="neither an IBProjModel"):
-        load_backbone(str(tmp_path / "other"))
-
-
-# ------------------------------------------------------------------------------------------------ three routes, CLI
-
-
-def test_run_folder_exported_folder_and_hub_id_give_identical_numbers(trained_model, tmp_path, monkeypatch):
-    from huggingface_hub import constants
-
-    from hf_ibproj.hub import export_backbone, push_to_hub
-    from hub_server import FakeHub
-
-    run = tmp_path / "run"
-    trained_model.save_pretrained(run / "model")
-    export_backbone(run, run / "backbone")
-    train, test = color_dataset(90, size=12), color_dataset(45, size=12, seed=1)
-    with FakeHub() as hub:
-        for name, value in (("ENDPOINT", hub.endpoint), ("HF_HUB_DISABLE_XET", True), ("HF_HUB_OFFLINE", False),
-                            ("HUGGINGFACE_CO_URL_TEMPLATE", hub.endpoint + "/{repo_id}/resolve/{revision}/{filename}"),
-                            ("HF_HUB_CACHE", str(tmp_path / "cache"))):
-            monkeypatch.setattr(constants, name, value)
-        monkeypatch.setenv("HF_TOKEN", "hf_test_token")
-        push_to_hub(run / "backbone", "tester/eval-backbone")
-        results = {}
-        for route in (str(run), str(run / "backbone"), "tester/eval-backbone"):
-            backbone, preprocessing = load_backbone(route)
-            results[route] = evaluate_backbone(backbone, train, test, preprocessing["mean"], preprocessing["std"],
-                                               knn_k=10, precision="fp32")
-        assert any("/resolve/" in request.path for request in hub.requests)  # the Hub route really downloaded
-    first, *others = results.values()
-    assert all(other == first for other in others), results
-    assert first["num_features"] == 64
-
-
-def save_gray_dataset(path, splits):
-    """ImageData splits as a save_to_disk folder of grayscale PIL images (+ class labels when present)."""
+def save_dataset(path, splits, mode):
+    """ImageData splits (one gray channel) as a save_to_disk folder of PIL images in `mode` (+ class labels)."""
     from PIL import Image
 
     def to_dataset(data):
-        columns = {"image": [Image.fromarray(image[0].numpy(), mode="L") for image in data.images]}
+        columns = {"image": [Image.fromarray(image[0].numpy(), mode="L").convert(mode) for image in data.images]}
         features = {"image": datasets.Image()}
         if data.labels is not None:
             columns["label"] = data.labels.tolist()
@@ -297,33 +265,95 @@ def save_gray_dataset(path, splits):
     return str(path)
 
 
-def test_evaluate_command_prints_a_table_and_writes_json(trained_model, tmp_path, capsys):
-    from hf_ibproj.cli import main
+def timm_eval_features(backbone, dataset, split, data_config, mode):
+    """Reference: the dataset through timm's own eval transform (resize floor(S / crop_pct), center crop S)."""
+    transform = timm.data.create_transform(**data_config, is_training=False)
+    images = datasets.load_from_disk(dataset)[split]["image"]
+    batch = torch.stack([transform(image.convert(mode)) for image in images])
+    with torch.no_grad():
+        return backbone.eval()(batch)
 
-    trained_model.save_pretrained(tmp_path / "run" / "model")
-    dataset = save_gray_dataset(tmp_path / "gray", {"train": color_dataset(90, size=12),
-                                                    "test": color_dataset(45, size=12, seed=1)})
-    output = tmp_path / "eval" / "results.json"
-    assert main(["evaluate", "--model", str(tmp_path / "run"), "--dataset", dataset, "--random-init",
-                 "--output", str(output)]) == 0
-    report = json.loads(output.read_text())
+
+@pytest.mark.parametrize(
+    "backbone_channels, backbone_size, image_mode, image_size",
+    [(3, 32, "L", 28), (1, 28, "RGB", 32)],  # RGB 32 px backbone on gray 28 px data, and the other way round
+)
+def test_evaluate_brings_any_dataset_to_the_backbone_like_timms_eval_transform(
+    backbone_channels, backbone_size, image_mode, image_size, tmp_path, capsys
+):
+    from hf_ibproj.cli import main
+    from hf_ibproj.evaluate_cli import EvaluateArguments, evaluate
+
+    model = tiny_model(backbone_channels, backbone_size, mean=0.4, std=0.25)
+    model.save_pretrained(tmp_path / "run" / "model")
+    dataset = save_dataset(tmp_path / "data", {"train": color_dataset(60, size=image_size),
+                                               "test": color_dataset(30, size=image_size, seed=1)}, image_mode)
+    assert main(["evaluate", "--model", str(tmp_path / "run"), "--dataset", dataset, "--num-workers", "0",
+                 "--mixed-precision", "no", "--output-dir", str(tmp_path / "eval")]) == 0
+    report = json.loads((tmp_path / "eval" / "eval_results.json").read_text())
+    data_config = report["data_config"]
+    assert data_config["input_size"] == [backbone_channels, backbone_size, backbone_size]
+    assert data_config["mean"] == [0.4] * backbone_channels and data_config["crop_pct"] == 1.0
+    trained = report["results"]["trained"]
+    assert (trained["num_train"], trained["num_test"], trained["num_features"]) == (60, 30, 64)
+    assert trained["linear_top1"] >= 90  # brightness classes survive the resize and the channel conversion
+    assert "linear top-1" in capsys.readouterr().out
+
+    # The same numbers from features of timm's eval transform (PIL mode converted to the backbone's channels).
+    pil_mode = "RGB" if backbone_channels == 3 else "L"
+    timm_config = {**data_config, "input_size": tuple(data_config["input_size"])}
+    train_features, test_features = (timm_eval_features(model.backbone, dataset, split, timm_config, pil_mode)
+                                     for split in ("train", "test"))
+    labels = color_dataset(60).labels, color_dataset(30, seed=1).labels
+    expected = evaluate_features(train_features, labels[0], test_features, labels[1], progress=False)
+    for key in ("linear_top1", "knn_top1", "linear_weight_decay"):
+        assert trained[key] == pytest.approx(expected[key]), key
+
+    # --image-size overrides the input size; the interpolation and crop_pct stay the backbone's.
+    override = evaluate(EvaluateArguments(model=str(tmp_path / "run"), dataset=dataset, image_size=20,
+                                          num_workers=0, mixed_precision="no"))
+    assert override["data_config"]["input_size"] == (backbone_channels, 20, 20)
+
+
+def test_evaluate_random_init_row_and_stratified_subsets(tmp_path):
+    from hf_ibproj.evaluate_cli import EvaluateArguments, evaluate
+
+    tiny_model(1, 12, mean=0.3, std=0.2).save_pretrained(tmp_path / "run" / "model")
+    dataset = save_dataset(tmp_path / "gray", {"train": color_dataset(90, size=12),
+                                               "test": color_dataset(45, size=12, seed=1)}, "L")
+    report = evaluate(EvaluateArguments(model=str(tmp_path / "run"), dataset=dataset, random_init=True,
+                                        max_samples=30, eval_max_samples=15, num_workers=0))
     assert set(report["results"]) == {"trained", "random-init"}
     for row in report["results"].values():
         assert row["linear_top1"] >= 90  # brightness classes: linearly separable for any features
-        assert (row["num_train"], row["num_test"], row["num_classes"]) == (90, 45, 3)
-    # k=200 > 90 training images: every image votes, and only distinct features keep the kNN accurate.
+        assert (row["num_train"], row["num_test"], row["num_classes"]) == (30, 15, 3)
+    # k=200 > 30 training images: every image votes, and only distinct features keep the kNN accurate.
     assert report["results"]["trained"]["knn_top1"] != report["results"]["random-init"]["knn_top1"]
-    table = capsys.readouterr().out
-    assert "random-init" in table and "linear top-1" in table
 
 
-def test_evaluate_command_errors(tmp_path, capsys, trained_model):
+def test_evaluate_help_shows_one_flag_style_with_defaults(capsys):
     from hf_ibproj.cli import main
 
-    trained_model.save_pretrained(tmp_path / "run" / "model")
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    for flag in ("--train-split", "--eval-split", "--image-column", "--label-column", "--max-samples",
+                 "--eval-max-samples", "--image-size", "--batch-size", "--seed", "--output-dir", "--num-workers",
+                 "--mixed-precision {auto,no,bf16}", "--random-init", "--no-random-init"):
+        assert flag in shown, flag
+    assert "--split-train" not in shown and "--train_split" not in shown
+    assert "(default: train)" in shown and "(default: 512)" in shown and "(default: False)" in shown
+
+
+def test_evaluate_command_errors(tmp_path, capsys):
+    from hf_ibproj.cli import main
+
+    tiny_model(1, 12, mean=0.3, std=0.2).save_pretrained(tmp_path / "run" / "model")
     unlabeled = color_dataset(12, size=12, labeled=False)
-    dataset = save_gray_dataset(tmp_path / "unlabeled", {"train": unlabeled, "test": unlabeled})
+    dataset = save_dataset(tmp_path / "unlabeled", {"train": unlabeled, "test": unlabeled}, "L")
     assert main(["evaluate", "--model", str(tmp_path / "run"), "--dataset", dataset]) == 2
     assert "has no labels" in capsys.readouterr().err
     assert main(["evaluate", "--model", str(tmp_path / "missing-run"), "--dataset", dataset]) == 2
     assert "does not resolve" in capsys.readouterr().err
+    assert main(["evaluate", "--model", str(tmp_path / "run"), "--dataset", dataset, "--max-samples", "0"]) == 2
+    assert "--max-samples must be a positive integer" in capsys.readouterr().err

@@ -201,3 +201,50 @@ def test_two_processes_equal_one_process_on_the_whole_batch(tmp_path):
     # the local (non-gathered) loss really differs: the test would notice a missing gather
     local = nt_xent_loss(linear(x[:, : BATCH // 2]), tau=0.3, gather_distributed=False)
     assert abs(local.item() - single["simclr"][0].item()) > 1e-3
+
+
+# ---- loss modules (lightly-style criterion(z0, z1)) against the functional forms and the naive references ----
+
+
+def test_nt_xent_module_equals_functional_form_and_naive_loop():
+    from hf_ibproj.objectives import NTXentLoss
+
+    z0 = torch.randn(6, 5, requires_grad=True)
+    z1 = torch.randn(6, 5, requires_grad=True)
+    criterion = NTXentLoss(tau=0.5)
+    loss = criterion(z0, z1)
+    functional = nt_xent_loss(torch.stack([z0, z1]), tau=0.5)
+    assert loss.item() == pytest.approx(functional.item(), rel=1e-6)
+    assert loss.item() == pytest.approx(naive_nt_xent(torch.stack([z0, z1]).detach(), 0.5), rel=1e-5)
+    module_grads = torch.autograd.grad(loss, (z0, z1))
+    functional_grads = torch.autograd.grad(functional, (z0, z1))
+    for got, expected in zip(module_grads, functional_grads):
+        torch.testing.assert_close(got, expected)
+    views = torch.randn(3, 6, 5)  # a stacked views tensor: every other view is a positive
+    assert criterion(views).item() == pytest.approx(naive_nt_xent(views, 0.5), rel=1e-5)
+    assert NTXentLoss()(z0, z1).item() == pytest.approx(nt_xent_loss(torch.stack([z0, z1])).item())  # tau 0.2
+    with pytest.raises(ValueError, match="z0 and z1"):
+        criterion(z0, z1[:4])
+    with pytest.raises(ValueError, match="tau"):
+        NTXentLoss(tau=0)
+
+
+def test_barlow_twins_module_equals_functional_form_and_naive_formula():
+    from hf_ibproj.objectives import BarlowTwinsLoss
+
+    z0 = (torch.randn(10, 6) * 3 + 1).requires_grad_()
+    z1 = torch.randn(10, 6, requires_grad=True)
+    criterion = BarlowTwinsLoss(lambda_offdiag=0.3, scale=2.0)
+    loss = criterion(z0, z1)
+    functional = barlow_twins_loss(torch.stack([z0, z1]), lambda_offdiag=0.3, scale=2.0)
+    assert loss.item() == pytest.approx(functional.item(), rel=1e-6)
+    expected = naive_barlow_twins(torch.stack([z0, z1]).detach(), lambda_offdiag=0.3, scale=2.0)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    for got, want in zip(torch.autograd.grad(loss, (z0, z1)), torch.autograd.grad(functional, (z0, z1))):
+        torch.testing.assert_close(got, want)
+    views = torch.randn(3, 10, 6)
+    assert criterion(views).item() == pytest.approx(naive_barlow_twins(views, 0.3, 2.0), rel=1e-5)
+    default = naive_barlow_twins(torch.stack([z0, z1]).detach(), lambda_offdiag=0.0051, scale=0.1)
+    assert BarlowTwinsLoss()(z0, z1).item() == pytest.approx(default, rel=1e-5)  # paper defaults
+    with pytest.raises(ValueError, match="scale"):
+        BarlowTwinsLoss(scale=0)

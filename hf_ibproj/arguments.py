@@ -1,0 +1,122 @@
+"""The command-line conventions shared by `hf-ibproj evaluate` and finetune.py (train.py follows them too).
+
+Flags come from dataclass fields through transformers' HfArgumentParser: `--foo-bar` for field foo_bar, help text
+from the field's metadata, every default shown in --help, choices from Literal types. `ArgumentParser` adds the
+one thing HfArgumentParser lacks: `--no-flag` for booleans that default to False (it adds it only for those that
+default to True), so every boolean is `--flag / --no-flag`. `DataArguments` holds the dataset flags both commands
+share (spelled as in train.py) and opens a split at a backbone's preprocessing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import torch
+from transformers import HfArgumentParser
+
+from .data import StreamingImageDataset, stratified_indices
+
+T = TypeVar("T")
+
+
+class ArgumentParser(HfArgumentParser):
+    """HfArgumentParser with every boolean as `--flag / --no-flag` (it adds --no-flag only to those defaulting to
+    True) and only the dash spelling in --help (it also adds `--foo_bar`, still accepted)."""
+
+    @staticmethod
+    def _parse_dataclass_field(parser: argparse.ArgumentParser, field: dataclasses.Field) -> None:
+        first_new = len(parser._actions)
+        HfArgumentParser._parse_dataclass_field(parser, field)
+        if field.type is bool and field.default is False:
+            # default=SUPPRESS: the --flag action already sets the default, and --help shows it there
+            parser.add_argument(f"--no-{field.name.replace('_', '-')}", action="store_false", dest=field.name,
+                                default=argparse.SUPPRESS, help=f"turn --{field.name.replace('_', '-')} off")
+        for action in parser._actions[first_new:]:
+            # argparse's own attributes: the displayed spellings, and no "(default: None)" on required flags
+            action.option_strings = [option for option in action.option_strings if "_" not in option]
+            if action.required:
+                action.default = argparse.SUPPRESS
+
+
+def arguments_from_namespace(cls: type[T], namespace: argparse.Namespace) -> T:
+    """The dataclass `cls` from a namespace parsed by an `ArgumentParser` built on it (e.g. as a sub-command)."""
+    return cls(**{f.name: getattr(namespace, f.name) for f in dataclasses.fields(cls) if f.init})
+
+
+def _help(text: str) -> dict[str, Any]:
+    return {"help": text}
+
+
+@dataclass(kw_only=True)
+class DataArguments:
+    """The dataset flags of `hf-ibproj evaluate` and finetune.py (names as in train.py)."""
+
+    dataset: str = field(metadata=_help(
+        "Hub dataset id, image folder (class sub-folders), save_to_disk folder, or the built-in fashion_mnist"))
+    train_split: str = field(default="train", metadata=_help("split the probe / classifier is trained on"))
+    eval_split: str = field(default="test", metadata=_help("split the accuracy is measured on"))
+    image_column: str | None = field(default=None, metadata=_help("image column; None: detected (image, img, ...)"))
+    label_column: str | None = field(default=None,
+                                     metadata=_help("label column; None: detected (label, labels, ...)"))
+    max_samples: int | None = field(default=None, metadata=_help(
+        "use a seeded, class-stratified subset of this many training images; None: all"))
+    eval_max_samples: int | None = field(default=None, metadata=_help(
+        "use a seeded, class-stratified subset of this many evaluation images; None: all"))
+    image_size: int | None = field(default=None, metadata=_help(
+        "input size in pixels; None: the backbone's own (its pretrained_cfg input_size). Images of any size "
+        "are resized (up or down) and center-cropped as timm's eval transform does, with the backbone's "
+        "interpolation and crop_pct"))
+    num_workers: int = field(default=2, metadata=_help("DataLoader worker processes that decode the images"))
+    seed: int = field(default=0, metadata=_help("seed of the subsets, the random-init backbone and the fits"))
+
+    def __post_init__(self) -> None:
+        for name in ("max_samples", "eval_max_samples", "image_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value}.")
+        if self.num_workers < 0:
+            raise ValueError(f"--num-workers must be 0 or more, got {self.num_workers}.")
+
+    def open_splits(self, data_config: dict[str, Any]) -> tuple[Split, Split]:
+        """The train and eval splits at a backbone's preprocessing, decoded per sample (any dataset size).
+
+        `data_config` is a timm data config (hf_ibproj.sources.Source.data_config): images are decoded to its
+        channels (gray <-> RGB) and resized + center-cropped to its square input size with its interpolation and
+        crop_pct. Rows: all of them, or a stratified subset of --max-samples / --eval-max-samples chosen from the
+        labels alone (no image is decoded to choose them).
+        """
+        channels, height, width = data_config["input_size"]
+        if height != width:
+            raise ValueError(f"the backbone expects {height}x{width} inputs; pass --image-size S for S x S inputs.")
+        if data_config.get("crop_mode", "center") != "center":
+            warnings.warn(f"the backbone's crop_mode {data_config['crop_mode']!r} is not supported; "
+                          "images are resized and center-cropped instead.")
+        splits = []
+        for split, count in ((self.train_split, self.max_samples), (self.eval_split, self.eval_max_samples)):
+            stream = StreamingImageDataset.from_source(
+                self.dataset, split, image_column=self.image_column, label_column=self.label_column,
+                channels=channels, image_size=height, interpolation=data_config["interpolation"],
+                crop_pct=data_config["crop_pct"],
+            )
+            labels = None if stream.label_column is None else torch.as_tensor(
+                stream.dataset[stream.label_column], dtype=torch.int64)  # the label column only, no image decoded
+            indices = torch.arange(len(stream)) if count is None else stratified_indices(
+                labels, count, self.seed, num_rows=None if labels is not None else len(stream))
+            splits.append(Split(stream, indices, None if labels is None else labels[indices]))
+        return splits[0], splits[1]
+
+
+@dataclass
+class Split:
+    """Rows `indices` of a per-sample dataset and their labels (None for an unlabeled dataset)."""
+
+    dataset: StreamingImageDataset
+    indices: torch.Tensor
+    labels: torch.Tensor | None
+
+    def __len__(self) -> int:
+        return len(self.indices)
