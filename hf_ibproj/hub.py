@@ -1,7 +1,7 @@
 """Backbone export as a timm Hub folder, its model card, and publishing to the Hub (DESIGN.md, Contracts).
 
 The ladder, in the spirit of timm's `models/_hub.py`:
-    load_source      an IBProjModel, a saved IBProjModel folder or a training run folder -> `Source`
+    load_source      (hf_ibproj.sources) an IBProjModel, its folder, a run folder or a checkpoint -> `Source`
     export_backbone  Source -> timm Hub folder (config.json, model.safetensors, README.md, plot)
     push_to_hub      an exported folder (or the full IBProjModel) -> a Hub repo, through huggingface_hub
     register_cli     `hf-ibproj export SRC OUT` and `hf-ibproj push SRC --repo-id ID`
@@ -14,11 +14,8 @@ import json
 import shutil
 import sys
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import yaml
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, get_token
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError
 from huggingface_hub.utils import validate_repo_id
@@ -27,12 +24,12 @@ from timm.models import save_for_hf
 from .backbones import SMALL_RESNETS, create_backbone
 from .configuration_ibproj import IBProjConfig
 from .modeling_ibproj import IBProjModel
+from .sources import PLOT_NAME, Source, is_exported_folder, is_ibproj_folder, load_source
 
 # The design card fixes a top-level model_cards/ directory; the package loads its templates from there.
 TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "model_cards"
 BACKBONE_TEMPLATE = "backbone.md"
 FULL_MODEL_TEMPLATE = "full_model.md"
-PLOT_NAME = "information_plane.png"
 # Rendered into cards written before the repo id is known; `push_to_hub` fills it in.
 REPO_ID_PLACEHOLDER = "<your-username>/<repo-name>"
 LICENSE = "apache-2.0"
@@ -59,66 +56,6 @@ _OBJECTIVE_NAMES = {"simclr": "SimCLR (NT-Xent)", "barlow_twins": "Barlow Twins"
 
 class PushError(RuntimeError):
     """The Hub refused or failed an upload; nothing local was changed."""
-
-
-@dataclass
-class Source:
-    """A trained IBProjModel and, when it comes from a training run folder, that run's records."""
-
-    model: IBProjModel
-    model_dir: Path | None = None
-    run_dir: Path | None = None
-    train_config: dict[str, Any] = field(default_factory=dict)
-    run_info: dict[str, Any] = field(default_factory=dict)
-    final_eval: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def plot(self) -> Path | None:
-        path = self.run_dir / PLOT_NAME if self.run_dir else None
-        return path if path is not None and path.is_file() else None
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Sources
-# --------------------------------------------------------------------------------------------------------------
-def _read_config(folder: Path) -> dict[str, Any]:
-    path = folder / "config.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def is_ibproj_folder(folder: Path) -> bool:
-    """A folder written by `IBProjModel.save_pretrained`."""
-    is_ibproj = _read_config(folder).get("model_type") == IBProjConfig.model_type
-    return is_ibproj and (folder / "model.safetensors").is_file()
-
-
-def is_exported_folder(folder: Path) -> bool:
-    """A timm Hub folder written by `export_backbone`."""
-    return "pretrained_cfg" in _read_config(folder) and (folder / "model.safetensors").is_file()
-
-
-def load_source(source: IBProjModel | str | Path) -> Source:
-    """An IBProjModel instance, a saved IBProjModel folder, or a run folder (RUN/model/ + the run's records)."""
-    if isinstance(source, IBProjModel):
-        return Source(source)
-    path = Path(source)
-    if is_ibproj_folder(path):
-        model_dir, run_dir = path, None
-    elif is_ibproj_folder(path / "model"):
-        model_dir, run_dir = path / "model", path
-    else:
-        raise FileNotFoundError(
-            f"no IBProjModel in {str(path)!r}: expected a folder written by IBProjModel.save_pretrained "
-            "(config.json with model_type 'ibproj' + model.safetensors) or a training run folder containing model/."
-        )
-    source = Source(IBProjModel.from_pretrained(model_dir).eval(), model_dir, run_dir)
-    if run_dir is not None:
-        config_file = run_dir / "config.yaml"
-        source.train_config = (yaml.safe_load(config_file.read_text()) or {}) if config_file.is_file() else {}
-        for name in ("run_info", "final_eval"):
-            record = run_dir / f"{name}.json"
-            setattr(source, name, json.loads(record.read_text()) if record.is_file() else {})
-    return source
 
 
 # --------------------------------------------------------------------------------------------------------------
