@@ -11,7 +11,8 @@ from .configuration_ibproj import IBProjConfig
 from .hub import export_backbone, push_to_hub
 from .information import matrix_joint_entropy, matrix_mutual_information, matrix_renyi_entropy
 from .modeling_ibproj import IBProjModel, IBProjModelOutput
-from .objectives import barlow_twins_loss, nt_xent_loss
+from .objectives import BarlowTwinsLoss, NTXentLoss, barlow_twins_loss, nt_xent_loss
+from .sources import Source, resolve_source
 
 AutoConfig.register(IBProjConfig.model_type, IBProjConfig, exist_ok=True)
 AutoModel.register(IBProjConfig, IBProjModel, exist_ok=True)
@@ -19,9 +20,12 @@ AutoModel.register(IBProjConfig, IBProjModel, exist_ok=True)
 __version__ = "0.1.0"
 
 __all__ = [
+    "BarlowTwinsLoss",
     "IBProjConfig",
     "IBProjModel",
     "IBProjModelOutput",
+    "NTXentLoss",
+    "Source",
     "barlow_twins_loss",
     "export_backbone",
     "matrix_joint_entropy",
@@ -29,4 +33,5 @@ __all__ = [
     "matrix_renyi_entropy",
     "nt_xent_loss",
     "push_to_hub",
+    "resolve_source",
 ]
