@@ -140,6 +140,11 @@ class IBProjConfig(PreTrainedConfig):
         _require(all(s > 0 for s in self.image_std), "image_std", self.image_std, "positive values")
 
 
+# Saved folders carry this file and config.json's auto_map, so AutoConfig loads them with trust_remote_code=True
+# where hf_ibproj is not installed.
+IBProjConfig.register_for_auto_class()
+
+
 def _require(ok: bool, field: str, value: Any, allowed: str) -> None:
     if not ok:
         raise ValueError(f"IBProjConfig.{field}={value!r} is invalid; allowed: {allowed}.")

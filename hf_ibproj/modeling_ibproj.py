@@ -147,6 +147,11 @@ class IBProjModel(IBProjPreTrainedModel):
         }
 
 
+# save_pretrained copies this file and its relative imports next to the weights and records them in config.json's
+# auto_map, so `AutoModel.from_pretrained(folder_or_repo, trust_remote_code=True)` works without hf_ibproj.
+IBProjModel.register_for_auto_class("AutoModel")
+
+
 def _stack_views(pixel_values: torch.Tensor | list[torch.Tensor] | tuple[torch.Tensor, ...]) -> torch.Tensor:
     """Views as one (views, batch, C, H, W) tensor."""
     if isinstance(pixel_values, (list, tuple)):
