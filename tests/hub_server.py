@@ -2,8 +2,9 @@
 
 Written by hand because no installed library serves the Hub protocol; it implements only what the tests need:
 repo creation, branch creation, README metadata validation, pre-upload (every file answered "regular", so the
-client sends base64 content inside the NDJSON commit, which it does when hf_xet is disabled), commit, model info
-and file resolve (HEAD/GET with the ETag / X-Repo-Commit headers the download client requires).
+client sends base64 content inside the NDJSON commit, which it does when hf_xet is disabled), commit, model info,
+file tree listing (one page) and file resolve (HEAD/GET with the ETag / X-Repo-Commit headers the download client
+requires).
 Repositories live in memory; every request is logged with its Authorization header so tests can check the token.
 """
 
@@ -99,7 +100,7 @@ def _handler_for(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
         def do_POST(self) -> None:
             self._route("POST")
 
-        def _json(self, status: int, payload: dict, headers: dict[str, str] | None = None) -> None:
+        def _json(self, status: int, payload: dict | list, headers: dict[str, str] | None = None) -> None:
             data = json.dumps(payload).encode()
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
@@ -181,6 +182,25 @@ def _handler_for(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             self._json(200, {"id": repo, "modelId": repo, "sha": revision.commit, "private": hub.repos[repo].private,
                              "siblings": siblings, "tags": []})
 
+        def tree(self, body: bytes, repo: str, rev: str, folder: str | None = None) -> None:
+            """GET /api/models/REPO/tree/REV[/FOLDER]?recursive=...: files (and, not recursive, folders), one page."""
+            if (revision := self._revision(repo, rev)) is None:
+                return
+            recursive = "recursive=true" in (urlsplit(self.path).query or "").lower()
+            prefix = f"{folder.strip('/')}/" if folder else ""
+            entries, folders = [], set()
+            for name, data in sorted(revision.files.items()):
+                if not name.startswith(prefix):
+                    continue
+                rest = name[len(prefix):]
+                if not recursive and "/" in rest:
+                    folders.add(prefix + rest.split("/")[0])
+                    continue
+                entries.append({"type": "file", "path": name, "size": len(data),
+                                "oid": hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()})
+            entries += [{"type": "directory", "path": name, "oid": "0" * 40} for name in sorted(folders)]
+            self._json(200, entries)
+
         def resolve(self, body: bytes, repo: str, rev: str, filename: str) -> None:
             if (revision := self._revision(repo, rev)) is None:
                 return
@@ -208,6 +228,7 @@ def _handler_for(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
         ("POST", rf"/api/models/{_REPO}/commit/{_REV}", Handler.commit),
         ("GET", rf"/api/models/{_REPO}", Handler.model_info),
         ("GET", rf"/api/models/{_REPO}/revision/{_REV}", Handler.model_info),
+        ("GET", rf"/api/models/{_REPO}/tree/{_REV}(?:/(?P<folder>.+))?", Handler.tree),
         ("HEAD", rf"/{_REPO}/resolve/{_REV}/(?P<filename>.+)", Handler.resolve),
         ("GET", rf"/{_REPO}/resolve/{_REV}/(?P<filename>.+)", Handler.resolve),
     ]

@@ -1,12 +1,13 @@
 """Backbone export: the folder timm / transformers load WITHOUT hf_ibproj, its config and its model card.
 
 References are independent of hf_ibproj's export code: the trained IBProjModel's own encoder features, timm's own
-state-dict keys, and loaders run in a fresh Python process that never imports hf_ibproj.
+state-dict keys, and loaders run in a fresh Python process where `import hf_ibproj` fails (BLOCK_HF_IBPROJ).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -25,21 +26,23 @@ from transformers import AutoImageProcessor, AutoModel, AutoModelForImageClassif
 from hf_ibproj import IBProjConfig, IBProjModel, export_backbone
 from hf_ibproj.cli import main as cli_main
 
-FINAL_EVAL = {"linear_top1": 88.7, "knn_top1": 82.9, "dataset": "fashion_mnist"}
+# As train.py writes it: the top-1 accuracies at the top, the whole evaluation (top-5 too) under "trained".
+FINAL_EVAL = {"dataset": "fashion_mnist", "eval_split": "test", "linear_top1": 88.7, "knn_top1": 82.9,
+              "trained": {"linear_top1": 88.7, "linear_top5": 99.4, "knn_top1": 82.9, "knn_top5": 98.1}}
 TRAIN_CONFIG = {"dataset": "fashion_mnist", "eval_split": "test", "epochs": 3, "batch_size": 64, "lr": 0.3,
                 "optimizer": "lars"}
 RUN_INFO = {"hardware": "2 CPU cores", "wall_time_s": 90.0, "seed": 0}
 PLOT_BYTES = b"\x89PNG\r\n\x1a\n fake plot bytes"
 
 
-def make_model(backbone: str, in_chans: int, image_size: int, **backbone_kwargs) -> IBProjModel:
+def make_model(backbone: str, in_chans: int, image_size: int, seed: int = 0, **backbone_kwargs) -> IBProjModel:
     """A tiny IBProjModel whose weights are perturbed away from the init, so BatchNorm stats and weights matter."""
     config = IBProjConfig(
         backbone=backbone, backbone_kwargs={"in_chans": in_chans, **backbone_kwargs}, image_size=image_size,
         projector_hidden_dims=[32], projector_out_dim=16, mi_weight=1e-4,
         image_mean=[0.4 + 0.05 * c for c in range(in_chans)], image_std=[0.2 + 0.05 * c for c in range(in_chans)],
     )
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = IBProjModel(config)
     with torch.no_grad():
         for name, tensor in model.state_dict().items():
@@ -59,6 +62,38 @@ def make_run_folder(root: Path, model: IBProjModel) -> Path:
     (run / "final_eval.json").write_text(json.dumps(FINAL_EVAL))
     (run / "information_plane.png").write_bytes(PLOT_BYTES)
     return run
+
+
+# Prepended to every fresh-process script: `import hf_ibproj` fails there, as on a machine that never installed it
+# (a meta-path finder in front of every other one, so neither the editable install nor sys.path can provide it).
+BLOCK_HF_IBPROJ = textwrap.dedent("""
+    import sys
+
+    class _BlockHfIbproj:
+        def find_spec(self, name, path=None, target=None):
+            if name == "hf_ibproj" or name.startswith("hf_ibproj."):
+                raise ImportError(name + " is blocked: this process stands for a machine without hf_ibproj")
+
+    sys.meta_path.insert(0, _BlockHfIbproj())
+    try:
+        import hf_ibproj
+    except ImportError:
+        pass
+    else:
+        raise SystemExit("the blocker let `import hf_ibproj` through")
+""")
+
+
+def run_without_hf_ibproj(script: str, *args: object, cwd: Path, env: dict[str, str | None] | None = None) -> None:
+    """Run `script` in a fresh Python process that cannot import hf_ibproj, with its own empty HF_HOME.
+
+    `env` adds variables to this process's environment (None removes one); by default the process is offline.
+    """
+    path = cwd / "fresh_script.py"
+    path.write_text(BLOCK_HF_IBPROJ + textwrap.dedent(script))
+    merged = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {}), "HF_HOME": str(cwd / "hf_home")}
+    subprocess.run([sys.executable, str(path), *map(str, args)], check=True, cwd=cwd,
+                   env={key: value for key, value in merged.items() if value is not None})
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
@@ -89,8 +124,7 @@ def small(tmp_path_factory):
     return model, out
 
 
-_FRESH_LOADERS = textwrap.dedent("""
-    import sys
+_FRESH_LOADERS = """
     import timm, torch
     from PIL import Image
     from transformers import AutoImageProcessor, AutoModel, AutoModelForImageClassification, pipeline
@@ -107,9 +141,8 @@ _FRESH_LOADERS = textwrap.dedent("""
             classifier.timm_model.forward_features(x), pre_logits=True)
         out["processed"] = AutoImageProcessor.from_pretrained(folder)(image, return_tensors="pt")["pixel_values"]
         out["pipeline"] = pipeline("image-feature-extraction", model=folder)(image, pool=True, return_tensors=True)
-    assert "hf_ibproj" not in sys.modules, "the fresh process imported hf_ibproj"
     torch.save(out, out_file)
-""")
+"""
 
 
 def _reference_preprocess(image: Image.Image, model: IBProjModel) -> torch.Tensor:
@@ -128,10 +161,8 @@ def test_stock_backbone_loads_in_fresh_process_without_hf_ibproj(stock, tmp_path
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
     torch.save(x, tmp_path / "x.pt")
     image.save(tmp_path / "image.png")
-    script = tmp_path / "load.py"
-    script.write_text(_FRESH_LOADERS)
-    subprocess.run([sys.executable, str(script), str(run / "backbone"), str(tmp_path / "x.pt"),
-                    str(tmp_path / "image.png"), str(tmp_path / "out.pt")], check=True, cwd=tmp_path)
+    run_without_hf_ibproj(_FRESH_LOADERS, run / "backbone", tmp_path / "x.pt", tmp_path / "image.png",
+                          tmp_path / "out.pt", cwd=tmp_path)
     out = torch.load(tmp_path / "out.pt")
 
     expected = features(model, x)
@@ -159,7 +190,52 @@ def test_small_resnet_loads_after_import_hf_ibproj(small):
         gray = Image.fromarray(np.random.default_rng(1).integers(0, 256, (28, 28), dtype=np.uint8))
         processed = AutoImageProcessor.from_pretrained(folder)(gray, return_tensors="pt")["pixel_values"]
         assert torch.allclose(processed, _reference_preprocess(gray, model), atol=1e-6)
-    assert "import hf_ibproj" in (folder / "README.md").read_text()
+
+
+_FRESH_SMALL_LOADERS = """
+    import torch
+    from PIL import Image
+    from transformers import AutoImageProcessor, AutoModel, AutoModelForImageClassification
+    folder, x_file, image_file, out_file = sys.argv[1:]
+    x = torch.load(x_file)
+    out = {}
+    try:
+        AutoModel.from_pretrained(folder, trust_remote_code=False)
+    except ValueError as error:
+        out["refusal"] = str(error)
+    with torch.no_grad():
+        model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+        out["auto_model_module"] = type(model).__module__
+        out["auto_model"] = model(x).pooler_output
+        classifier = AutoModelForImageClassification.from_pretrained(
+            folder, num_labels=4, trust_remote_code=True).eval()
+        out["classifier_logits_shape"] = torch.tensor(classifier(x).logits.shape)
+        out["classifier_features"] = classifier.timm_model.forward_head(
+            classifier.timm_model.forward_features(x), pre_logits=True)
+        processor = AutoImageProcessor.from_pretrained(folder, trust_remote_code=True)
+        out["processed"] = processor(Image.open(image_file), return_tensors="pt")["pixel_values"]
+    torch.save(out, out_file)
+"""
+
+
+def test_small_resnet_loads_in_fresh_process_without_hf_ibproj(small, tmp_path):
+    """The exported folder carries its code: transformers runs it with trust_remote_code=True, and only then."""
+    model, folder = small
+    x = torch.randn(3, 1, 28, 28)
+    gray = Image.fromarray(np.random.default_rng(2).integers(0, 256, (28, 28), dtype=np.uint8))
+    torch.save(x, tmp_path / "x.pt")
+    gray.save(tmp_path / "gray.png")
+    run_without_hf_ibproj(_FRESH_SMALL_LOADERS, folder, tmp_path / "x.pt", tmp_path / "gray.png",
+                          tmp_path / "out.pt", cwd=tmp_path)
+    out = torch.load(tmp_path / "out.pt")
+
+    assert "trust_remote_code=True" in out["refusal"]
+    assert out["auto_model_module"].startswith("transformers_modules.")  # the folder's own code, not a package's
+    expected = features(model, x)
+    for name in ("auto_model", "classifier_features"):
+        assert (out[name] - expected).abs().max() <= 1e-6, name
+    assert out["classifier_logits_shape"].tolist() == [3, 4]
+    assert torch.allclose(out["processed"], _reference_preprocess(gray, model), atol=1e-6)
 
 
 def test_config_describes_this_model_not_imagenet(stock, small):
@@ -183,6 +259,15 @@ def test_config_describes_this_model_not_imagenet(stock, small):
         reference = timm.create_model(model.config.backbone, num_classes=0, **model.config.backbone_kwargs)
         assert set(weights) == set(reference.state_dict())
         assert all(torch.equal(weights[k], v) for k, v in model.backbone.state_dict().items())
+    # The small-image ResNet is no stock architecture: its folder names its code, the stock one needs none.
+    small_config = json.loads((small[1] / "config.json").read_text())
+    assert small_config["model_type"] == "ibproj_small_resnet"
+    assert set(small_config["auto_map"]) == {"AutoConfig", "AutoModel", "AutoModelForImageClassification"}
+    assert {ref.split(".")[0] for ref in small_config["auto_map"].values()} == {"modeling_small_resnet"}
+    assert (small[1] / "modeling_small_resnet.py").is_file()
+    stock_config = json.loads((stock[1] / "backbone" / "config.json").read_text())
+    assert "auto_map" not in stock_config and "model_type" not in stock_config
+    assert not list((stock[1] / "backbone").glob("*.py"))
 
 
 def test_card_metadata_and_training_summary(stock, small):
@@ -193,21 +278,37 @@ def test_card_metadata_and_training_summary(stock, small):
     assert data["license"] == "apache-2.0"
     assert data["datasets"] == ["fashion_mnist"]
     assert {"self-supervised", "simclr", "mi-regularization"} <= set(data["tags"])
-    metrics = {m["name"]: m["value"] for m in data["model-index"][0]["results"][0]["metrics"]}
-    assert metrics == {"Linear probe top-1 accuracy": 88.7, "kNN top-1 accuracy": 82.9}
+    # Each protocol is its own model-index task, as huggingface_hub parses the card back and writes it again.
+    parsed = {(r.task_name, r.metric_name, r.metric_value, r.dataset_name, r.dataset_split)
+              for r in card.data.eval_results}
+    assert parsed == {
+        ("Linear probe on frozen features", "Linear probe top-1 accuracy", 88.7, "fashion_mnist", "test"),
+        ("Linear probe on frozen features", "Linear probe top-5 accuracy", 99.4, "fashion_mnist", "test"),
+        ("kNN on frozen features", "kNN top-1 accuracy", 82.9, "fashion_mnist", "test"),
+        ("kNN on frozen features", "kNN top-5 accuracy", 98.1, "fashion_mnist", "test"),
+    }
+    tasks = {r["task"]["name"]: [m["name"] for m in r["metrics"]] for r in data["model-index"][0]["results"]}
+    assert tasks == {"Linear probe on frozen features": ["Linear probe top-1 accuracy", "Linear probe top-5 accuracy"],
+                     "kNN on frozen features": ["kNN top-1 accuracy", "kNN top-5 accuracy"]}
     text = card.text
     for row in ("| Epochs | 3 |", "| Batch size | 64 |", "| Learning rate | 0.3 |", "| Hardware | 2 CPU cores |",
-                "| Wall time | 1.5 min |", "| Backbone | resnet18 (in_chans=3) |", "88.70%", "82.90%"):
+                "| Wall time | 1.5 min |", "| Backbone | resnet18 (in_chans=3) |",
+                "| Linear probe | fashion_mnist (test) | 88.70% | 99.40% |", "| kNN | fashion_mnist (test) | 82.90% | 98.10% |"):
         assert row in text, row
     assert "arXiv" in text and "2503.00507" in text and "Projection Head is Secretly an Information Bottleneck" in text
     assert "Ouyang, Zhuo and Hu, Kaiwen and Zhang, Qi and Wang, Yifei and Wang, Yisen" in text
     assert "![" in text and (stock[1] / "backbone" / "information_plane.png").read_bytes() == PLOT_BYTES
-    assert "import hf_ibproj" not in text  # stock timm architecture: no import needed
+    assert "hf_ibproj" not in text.split("## Usage")[1]  # stock timm architecture: loads as it is
+    assert "trust_remote_code" not in text
 
     # Exported from a bare instance: no run records, so no metrics, dataset, plot or run rows.
     small_card = ModelCard.load(small[1] / "README.md")
     assert "model-index" not in small_card.data.to_dict() and "datasets" not in small_card.data.to_dict()
     assert "Epochs" not in small_card.text and not (small[1] / "information_plane.png").exists()
+    # The small stem: transformers with the carried code, timm from a stock resnet18, and no `pip install hf_ibproj`.
+    usage = small_card.text.split("## Usage")[1]
+    assert usage.count("trust_remote_code=True") == 2 and 'timm.create_model("resnet18", ' in usage
+    assert "hf_ibproj" not in usage and "pip install hf_ibproj" not in small_card.text
 
 
 def test_cli_export_and_bad_input_leave_folders_unchanged(stock, tmp_path, capsys):
