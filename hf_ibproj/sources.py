@@ -273,7 +273,7 @@ def _timm_config_source(timm_name: str, where: str, weights: Path | None, random
 
 def _saved_by_transformers(weights: Path) -> bool:
     with safe_open(weights, framework="pt") as handle:
-        return all(key.startswith(TIMM_WRAPPER_PREFIX) for key in handle)
+        return all(key.startswith(TIMM_WRAPPER_PREFIX) for key in handle.keys())  # noqa: SIM118 (no __iter__)
 
 
 def _create_timm(name: str, random_init: bool, seed: int) -> nn.Module:
