@@ -1,10 +1,11 @@
-"""finetune.py: linear and full fine-tuning of an exported backbone, pipeline loading, and a 2-process gloo run."""
+"""finetune.py: linear and full fine-tuning, exact resume, any backbone on any data, Hub push, and a 2-process run."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -13,43 +14,48 @@ from pathlib import Path
 import datasets
 import numpy as np
 import pytest
+import timm
 import torch
 import yaml
 from PIL import Image
+from safetensors.torch import load_file
 from transformers import pipeline
 
 from hf_ibproj import IBProjConfig, IBProjModel, export_backbone
 
 ROOT = Path(__file__).resolve().parent.parent
 _spec = importlib.util.spec_from_file_location("finetune", ROOT / "finetune.py")
-finetune = importlib.util.module_from_spec(_spec)
+finetune = sys.modules["finetune"] = importlib.util.module_from_spec(_spec)  # dataclasses look their module up
 _spec.loader.exec_module(finetune)
 COLORS = {"red": (200, 40, 40), "green": (40, 200, 40), "blue": (40, 40, 200)}
 
 
-def color_image(rgb, rng):
-    """A 32x32 image of one dominant color, with pixel noise and a random darker square."""
-    pixels = np.array(rgb, dtype=np.float32) + rng.normal(0, 25, (32, 32, 3))
-    top, left = rng.integers(0, 20, 2)
+def color_image(rgb, rng, size=32):
+    """A size x size image of one dominant color, with pixel noise and a random darker square."""
+    pixels = np.array(rgb, dtype=np.float32) + rng.normal(0, 25, (size, size, 3))
+    top, left = rng.integers(0, size - 12, 2)
     pixels[top : top + 12, left : left + 12] *= 0.6
     return Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
 
 
-@pytest.fixture(scope="module")
-def color_dataset(tmp_path_factory):
-    """save_to_disk folder, 3 classes of noisy colored images: 150 train, 60 test."""
+def save_colors(path, sizes, image_size=32, mode="RGB"):
     rng = np.random.default_rng(0)
     names = list(COLORS)
     features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=names)})
 
     def split(n):
         labels = [i % len(names) for i in range(n)]
-        images = [color_image(COLORS[names[label]], rng) for label in labels]
+        images = [color_image(COLORS[names[label]], rng, image_size).convert(mode) for label in labels]
         return datasets.Dataset.from_dict({"image": images, "label": labels}, features=features)
 
-    path = tmp_path_factory.mktemp("colors") / "dataset"
-    datasets.DatasetDict({"train": split(150), "test": split(60)}).save_to_disk(str(path))
+    datasets.DatasetDict({name: split(n) for name, n in sizes.items()}).save_to_disk(str(path))
     return path
+
+
+@pytest.fixture(scope="module")
+def color_dataset(tmp_path_factory):
+    """save_to_disk folder, 3 classes of noisy colored 32 px images: 150 train, 60 test."""
+    return save_colors(tmp_path_factory.mktemp("colors") / "dataset", {"train": 150, "test": 60})
 
 
 @pytest.fixture(scope="module")
@@ -60,16 +66,20 @@ def backbone_folder(tmp_path_factory):
     return export_backbone(IBProjModel(config), tmp_path_factory.mktemp("backbone") / "tiny-resnet")
 
 
+def run(backbone, dataset, out, *extra):
+    return finetune.main(["--model", str(backbone), "--dataset", str(dataset), "--output-dir", str(out),
+                          "--batch-size", "32", "--num-workers", "0", "--mixed-precision", "no", *extra])
+
+
 def test_linear_and_full_fine_tuning_learn_and_the_saved_model_runs_in_a_pipeline(
     color_dataset, backbone_folder, tmp_path
 ):
     for mode, lr, epochs in (("linear", 3e-2, 6), ("full", 3e-3, 4)):
         out = tmp_path / mode
-        assert finetune.main(["--backbone", str(backbone_folder), "--dataset", str(color_dataset), "--mode", mode,
-                              "--output-dir", str(out), "--epochs", str(epochs), "--batch-size", "32",
-                              "--lr", str(lr), "--num-workers", "0"]) == 0
-        accuracy = json.loads((out / "results.json").read_text())["test_accuracy"]
-        assert accuracy >= 90, (mode, accuracy)
+        assert run(backbone_folder, color_dataset, out, "--mode", mode, "--epochs", str(epochs), "--lr", str(lr)) == 0
+        results = json.loads((out / "results.json").read_text())
+        assert results["eval_accuracy"] >= 90, (mode, results)
+        assert results["steps"] == epochs * 5  # ceil(150 / 32) steps per epoch
 
         # The saved folder is a transformers image classifier: the pipeline agrees with the colors.
         classifier = pipeline("image-classification", model=str(out))
@@ -78,20 +88,130 @@ def test_linear_and_full_fine_tuning_learn_and_the_saved_model_runs_in_a_pipelin
                 for name, rgb in COLORS.items() for _ in range(5)]
         assert sum(hits) >= 13, (mode, hits)
 
-        card = (out / "README.md").read_text()
-        metadata = yaml.safe_load(card.split("---")[1])
-        assert metadata["base_model"] == str(backbone_folder)
+        metadata = yaml.safe_load((out / "README.md").read_text().split("---")[1])
+        assert "base_model" not in metadata  # it started from a local folder, which is no base_model
         assert metadata["pipeline_tag"] == "image-classification"
+        kept = sorted(p.name for p in (out / "checkpoints").iterdir())  # the last 2 (--keep-checkpoints) epoch ends
+        assert kept == [f"step_{(epochs - 1) * 5:08d}", f"step_{epochs * 5:08d}"], kept
 
     # linear mode kept the backbone exactly as exported; full mode changed it.
-    from safetensors.torch import load_file
-
     exported = load_file(backbone_folder / "model.safetensors")
     for mode, same in (("linear", True), ("full", False)):
         tuned = load_file(tmp_path / mode / "model.safetensors")
         tuned = {k.removeprefix("timm_model."): v for k, v in tuned.items()}
         assert torch.equal(tuned["conv1.weight"], exported["conv1.weight"]) is same, mode
         assert torch.equal(tuned["bn1.running_mean"], exported["bn1.running_mean"]) is same, mode
+
+
+def test_resume_continues_exactly_from_a_mid_epoch_checkpoint(color_dataset, backbone_folder, tmp_path):
+    common = ["--mode", "full", "--epochs", "2", "--lr", "3e-3", "--max-samples", "96", "--checkpoint-every", "2",
+              "--keep-checkpoints", "10"]
+    straight = tmp_path / "straight"
+    assert run(backbone_folder, color_dataset, straight, *common) == 0
+    steps = sorted(p.name for p in (straight / "checkpoints").iterdir())
+    assert steps == ["step_00000002", "step_00000003", "step_00000004", "step_00000006"]  # 3 steps per epoch
+
+    # A run interrupted after step 2 (mid-epoch): what it had written by then.
+    interrupted = tmp_path / "interrupted"
+    interrupted.mkdir()
+    shutil.copy(straight / "finetune_args.json", interrupted)
+    shutil.copytree(straight / "checkpoints" / "step_00000002", interrupted / "checkpoints" / "step_00000002")
+    # Resumed with other DataLoader workers: the augmentation is seeded per sample, so nothing changes.
+    assert finetune.main(["--model", str(backbone_folder), "--dataset", str(color_dataset), "--output-dir",
+                          str(interrupted), "--batch-size", "32", "--num-workers", "2", "--mixed-precision", "no",
+                          *common, "--resume"]) == 0
+    expected, resumed = (load_file(folder / "model.safetensors") for folder in (straight, interrupted))
+    assert expected.keys() == resumed.keys()
+    assert all(torch.equal(expected[key], resumed[key]) for key in expected)
+    accuracy = [json.loads((folder / "results.json").read_text())["eval_accuracy"] for folder in (straight, interrupted)]
+    assert accuracy[0] == accuracy[1]
+
+
+def test_output_dir_and_resume_errors(color_dataset, backbone_folder, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(FileNotFoundError, match="no checkpoint to resume from"):
+        run(backbone_folder, color_dataset, out, "--resume")
+    assert run(backbone_folder, color_dataset, out, "--epochs", "1", "--max-samples", "30") == 0
+    with pytest.raises(FileExistsError, match="pass --resume"):
+        run(backbone_folder, color_dataset, out, "--epochs", "1", "--max-samples", "30")
+    with pytest.raises(ValueError, match=r"--epochs 1 -> 2"):
+        run(backbone_folder, color_dataset, out, "--epochs", "2", "--max-samples", "30", "--resume")
+    for flags, message in ((["--epochs", "0"], "--epochs must be a positive integer"),
+                           (["--min-crop-scale", "1.5"], "--min-crop-scale must be in"),
+                           (["--push-to-hub", "not a/valid id"], "invalid --push-to-hub")):
+        with pytest.raises(ValueError, match=message):
+            run(backbone_folder, color_dataset, tmp_path / "never", *flags)
+    assert not (tmp_path / "never").exists()
+
+
+def test_unlabeled_dataset_is_a_clear_error(backbone_folder, tmp_path):
+    unlabeled = datasets.Dataset.from_dict({"image": [Image.new("RGB", (32, 32))] * 4})
+    datasets.DatasetDict({"train": unlabeled, "test": unlabeled}).save_to_disk(str(tmp_path / "unlabeled"))
+    with pytest.raises(ValueError, match="the train split has no labels"):
+        run(backbone_folder, tmp_path / "unlabeled", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_docstring_example_stock_timm_backbone_at_224_px_on_32_px_data(color_dataset, tmp_path):
+    """`finetune.py --model timm/resnet18.a1_in1k` with a local copy of that repository (no network here)."""
+    torch.manual_seed(0)
+    stock = tmp_path / "resnet18.a1_in1k"
+    timm.models.save_for_hf(timm.create_model("resnet18.a1_in1k", pretrained=False, num_classes=0), stock,
+                            safe_serialization=True)
+    out = tmp_path / "ft"
+    assert run(stock, color_dataset, out, "--epochs", "1", "--max-samples", "24", "--eval-max-samples", "12",
+               "--batch-size", "12") == 0
+    results = json.loads((out / "results.json").read_text())
+    # The backbone's own preprocessing (resnet18.a1_in1k: 224 px, bicubic, crop_pct 0.95, ImageNet mean/std).
+    assert results["data_config"]["input_size"] == [3, 224, 224]
+    assert results["data_config"]["crop_pct"] == 0.95 and results["data_config"]["interpolation"] == "bicubic"
+    assert json.loads((out / "config.json").read_text())["pretrained_cfg"]["input_size"] == [3, 224, 224]
+    prediction = pipeline("image-classification", model=str(out))(color_image(COLORS["red"], np.random.default_rng(2)))
+    assert {p["label"] for p in prediction} == set(COLORS)
+
+
+def test_push_to_hub_names_the_hub_id_it_started_from_as_base_model(backbone_folder, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    from hf_ibproj.hub import push_to_hub
+    from hub_server import FakeHub
+
+    gray = save_colors(tmp_path / "gray28", {"train": 30, "test": 15}, image_size=28, mode="L")  # unlike the backbone
+    with FakeHub() as hub:
+        for name, value in (("ENDPOINT", hub.endpoint), ("HF_HUB_DISABLE_XET", True), ("HF_HUB_OFFLINE", False),
+                            ("HUGGINGFACE_CO_URL_TEMPLATE", hub.endpoint + "/{repo_id}/resolve/{revision}/{filename}"),
+                            ("HF_HUB_CACHE", str(tmp_path / "cache"))):
+            monkeypatch.setattr(constants, name, value)
+        monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+        push_to_hub(backbone_folder, "tester/tiny-backbone")
+        assert run("tester/tiny-backbone", gray, tmp_path / "ft", "--epochs", "1",
+                   "--push-to-hub", "tester/tiny-classifier") == 0
+        uploaded = hub.files("tester/tiny-classifier")
+    assert {"config.json", "model.safetensors", "README.md", "results.json"} <= set(uploaded)
+    assert not any(name.startswith("checkpoints/") for name in uploaded)
+    metadata = yaml.safe_load(uploaded["README.md"].decode().split("---")[1])
+    assert metadata["base_model"] == "tester/tiny-backbone"
+    assert uploaded["model.safetensors"] == (tmp_path / "ft" / "model.safetensors").read_bytes()
+    results = json.loads(uploaded["results.json"])
+    assert results["data_config"]["input_size"] == [3, 32, 32]  # gray 28 px data brought to the RGB 32 px backbone
+
+    monkeypatch.delenv("HF_TOKEN")
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    with pytest.raises(ValueError, match="needs a Hugging Face token"):
+        run(backbone_folder, gray, tmp_path / "never", "--push-to-hub", "tester/x")
+
+
+def test_help_shows_one_flag_style_with_defaults(capsys):
+    with pytest.raises(SystemExit):
+        finetune.parse_args(["--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    for flag in ("--model", "--train-split", "--eval-split", "--image-column", "--label-column", "--max-samples",
+                 "--eval-max-samples", "--image-size", "--batch-size", "--seed", "--output-dir", "--num-workers",
+                 "--mixed-precision {auto,no,bf16,fp16}", "--resume", "--no-resume", "--push-to-hub",
+                 "--hub-private", "--no-hub-private", "--mode {linear,full}"):
+        assert flag in shown, flag
+    assert "--test-split" not in shown and "--backbone" not in shown and "--train_split" not in shown
+    assert "(default: linear)" in shown and "(default: 128)" in shown
 
 
 def free_port():
@@ -105,22 +225,13 @@ def test_two_process_gloo_run_completes(color_dataset, backbone_folder, tmp_path
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                 "--main_process_port", str(free_port())]
-    command = [*launcher, str(ROOT / "finetune.py"), "--backbone", str(backbone_folder), "--dataset",
+    command = [*launcher, str(ROOT / "finetune.py"), "--model", str(backbone_folder), "--dataset",
                str(color_dataset), "--mode", "linear", "--output-dir", str(out), "--epochs", "1", "--batch-size", "16",
-               "--num-workers", "0"]
+               "--num-workers", "0", "--mixed-precision", "no"]
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     assert results["num_processes"] == 2  # one gloo process group, not two independent runs
-    assert result.stdout.count("test accuracy") == 1  # printed by the main process only
-
-
-def test_unlabeled_dataset_is_a_clear_error(backbone_folder, tmp_path):
-    unlabeled = datasets.Dataset.from_dict({"image": [Image.new("RGB", (32, 32))] * 4})
-    unlabeled = datasets.DatasetDict({"train": unlabeled, "test": unlabeled})
-    unlabeled.save_to_disk(str(tmp_path / "unlabeled"))
-    with pytest.raises(ValueError, match="the train split has no labels"):
-        finetune.main(["--backbone", str(backbone_folder), "--dataset", str(tmp_path / "unlabeled"),
-                       "--output-dir", str(tmp_path / "out"), "--num-workers", "0"])
-    assert not (tmp_path / "out").exists()
+    assert results["steps"] == 5  # ceil(150 / (2 processes x 16)) steps per process
+    assert result.stdout.count("accuracy (test)") == 1  # printed by the main process only
