@@ -102,8 +102,7 @@ class DataArguments:
                 channels=channels, image_size=height, interpolation=data_config["interpolation"],
                 crop_pct=data_config["crop_pct"],
             )
-            labels = None if stream.label_column is None else torch.as_tensor(
-                stream.dataset[stream.label_column], dtype=torch.int64)  # the label column only, no image decoded
+            labels = stream.labels  # the label column alone: no image is decoded to choose the rows
             indices = torch.arange(len(stream)) if count is None else stratified_indices(
                 labels, count, self.seed, num_rows=None if labels is not None else len(stream))
             splits.append(Split(stream, indices, None if labels is None else labels[indices]))

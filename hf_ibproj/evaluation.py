@@ -81,21 +81,28 @@ def extract_dataset_features(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(features (N x D float32), labels (N int64)) of the items `indices` (None: all) of a per-sample dataset.
 
-    Items are (uint8 image (C, H, W), int label, ...), as hf_ibproj.data.StreamingImageDataset yields (label -1
-    for unlabeled rows); they are decoded by `num_workers` DataLoader workers and only the features are kept,
-    so memory stays bounded for any dataset size. Same preprocessing and precision as `extract_features`.
+    Items are (uint8 image (C, H, W), int label[, int skipped]), as hf_ibproj.data.StreamingImageDataset yields
+    (label -1 for unlabeled rows, skipped 1 where an undecodable row was replaced by the next one: counted in a
+    warning); they are decoded by `num_workers` DataLoader workers and only the features are kept, so memory
+    stays bounded for any dataset size. Same preprocessing and precision as `extract_features`.
     """
     subset = dataset if indices is None else Subset(dataset, list(indices))
     device = torch.device(device) if device is not None else next(backbone.parameters()).device
     loader = DataLoader(subset, batch_size=batch_size, num_workers=num_workers, pin_memory=device.type == "cuda")
     labels: list[torch.Tensor] = []
+    skipped = 0
 
     def images() -> Iterable[torch.Tensor]:
+        nonlocal skipped
         for batch in loader:
             labels.append(torch.as_tensor(batch[1], dtype=torch.int64))
+            skipped += int(batch[2].sum()) if len(batch) > 2 else 0
             yield batch[0]
 
     features = _features(backbone, images(), len(loader), mean, std, device, precision, progress)
+    if skipped:
+        warnings.warn(f"{skipped} of {len(subset)} images could not be decoded; each was replaced by the next "
+                      "decodable row of the dataset.")
     return features, torch.cat(labels) if labels else torch.empty(0, dtype=torch.int64)
 
 

@@ -171,6 +171,21 @@ def test_extract_dataset_features_reads_the_given_rows_like_a_manual_forward(num
     assert everything.shape == (13, 64)
 
 
+def test_extract_dataset_features_counts_replaced_undecodable_rows():
+    """StreamingImageDataset items carry a third value, 1 where a corrupt row was replaced by the next one."""
+
+    class WithSkipped(PairsDataset):
+        def __getitem__(self, index):
+            return (*super().__getitem__(index), int(index in (1, 4)))
+
+    backbone = timm.create_model("resnet18_small", num_classes=0, **TINY)
+    images = torch.randint(0, 256, (6, 1, 12, 12), dtype=torch.uint8)
+    with pytest.warns(UserWarning, match="2 of 6 images could not be decoded"):
+        features, labels = extract_dataset_features(backbone, WithSkipped(images, torch.arange(6)), None, (0.3,),
+                                                    (0.2,), batch_size=4, num_workers=0, progress=False)
+    assert features.shape == (6, 64) and labels.tolist() == list(range(6))
+
+
 def test_progress_bars_show_extraction_and_probe_fits(capsys):
     torch.manual_seed(0)
     backbone = timm.create_model("resnet18_small", num_classes=0, **TINY)
