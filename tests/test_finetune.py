@@ -174,15 +174,10 @@ def test_push_to_hub_names_the_hub_id_it_started_from_as_base_model(backbone_fol
     from huggingface_hub import constants
 
     from hf_ibproj.hub import push_to_hub
-    from hub_server import FakeHub
+    from test_sources import fake_hub_session
 
     gray = save_colors(tmp_path / "gray28", {"train": 30, "test": 15}, image_size=28, mode="L")  # unlike the backbone
-    with FakeHub() as hub:
-        for name, value in (("ENDPOINT", hub.endpoint), ("HF_HUB_DISABLE_XET", True), ("HF_HUB_OFFLINE", False),
-                            ("HUGGINGFACE_CO_URL_TEMPLATE", hub.endpoint + "/{repo_id}/resolve/{revision}/{filename}"),
-                            ("HF_HUB_CACHE", str(tmp_path / "cache"))):
-            monkeypatch.setattr(constants, name, value)
-        monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+    with fake_hub_session(monkeypatch, tmp_path / "cache") as hub:
         push_to_hub(backbone_folder, "tester/tiny-backbone")
         assert run("tester/tiny-backbone", gray, tmp_path / "ft", "--epochs", "1",
                    "--push-to-hub", "tester/tiny-classifier") == 0

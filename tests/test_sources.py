@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 
@@ -189,19 +190,27 @@ def test_errors_name_what_was_expected(tmp_path, monkeypatch, trained_model):
         resolve_source(unfinished)
 
 
-def test_hub_ids_resolve_through_the_hub_with_their_id_as_base_model(trained_model, images, tmp_path, monkeypatch):
-    from hub_server import FakeHub
+@contextlib.contextmanager
+def fake_hub_session(monkeypatch, cache_dir):
+    """tests/hub_server.py's FakeHub, with huggingface_hub pointed at it, an empty cache and a token."""
     from huggingface_hub import constants
 
-    from hf_ibproj.hub import export_backbone, push_to_hub
+    from hub_server import FakeHub
 
-    export_backbone(trained_model, tmp_path / "backbone")
     with FakeHub() as hub:
         for name, value in (("ENDPOINT", hub.endpoint), ("HF_HUB_DISABLE_XET", True), ("HF_HUB_OFFLINE", False),
                             ("HUGGINGFACE_CO_URL_TEMPLATE", hub.endpoint + "/{repo_id}/resolve/{revision}/{filename}"),
-                            ("HF_HUB_CACHE", str(tmp_path / "cache"))):
+                            ("HF_HUB_CACHE", str(cache_dir))):
             monkeypatch.setattr(constants, name, value)
         monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+        yield hub
+
+
+def test_hub_ids_resolve_through_the_hub_with_their_id_as_base_model(trained_model, images, tmp_path, monkeypatch):
+    from hf_ibproj.hub import export_backbone, push_to_hub
+
+    export_backbone(trained_model, tmp_path / "backbone")
+    with fake_hub_session(monkeypatch, tmp_path / "cache") as hub:
         push_to_hub(tmp_path / "backbone", "tester/tiny-backbone")
         for reference in ("tester/tiny-backbone", "hf-hub:tester/tiny-backbone"):
             source = resolve_source(reference)
