@@ -152,20 +152,28 @@ def test_unlabeled_dataset_is_a_clear_error(backbone_folder, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_docstring_example_stock_timm_backbone_at_224_px_on_32_px_data(color_dataset, tmp_path):
-    """`finetune.py --model timm/resnet18.a1_in1k` with a local copy of that repository (no network here)."""
+def test_docstring_example_stock_timm_backbone_at_224_px_on_32_px_data(color_dataset, tmp_path, monkeypatch):
+    """`finetune.py --model timm/resnet18.a1_in1k` on 32 px data, the repository served by the fake Hub (offline)."""
+    from huggingface_hub import HfApi
+
+    from test_sources import fake_hub_session
+
     torch.manual_seed(0)
-    stock = tmp_path / "resnet18.a1_in1k"
-    timm.models.save_for_hf(timm.create_model("resnet18.a1_in1k", pretrained=False, num_classes=0), stock,
-                            safe_serialization=True)
+    stock = tmp_path / "resnet18.a1_in1k"  # what the Hub repository holds: timm's own save_for_hf folder
+    timm.models.save_for_hf(timm.create_model("resnet18.a1_in1k", pretrained=False), stock, safe_serialization=True)
     out = tmp_path / "ft"
-    assert run(stock, color_dataset, out, "--epochs", "1", "--max-samples", "24", "--eval-max-samples", "12",
-               "--batch-size", "12") == 0
+    with fake_hub_session(monkeypatch, tmp_path / "cache"):
+        HfApi().create_repo("timm/resnet18.a1_in1k")
+        HfApi().upload_folder(repo_id="timm/resnet18.a1_in1k", folder_path=stock)
+        assert run("timm/resnet18.a1_in1k", color_dataset, out, "--epochs", "1", "--max-samples", "24",
+                   "--eval-max-samples", "12", "--batch-size", "12") == 0
     results = json.loads((out / "results.json").read_text())
     # The backbone's own preprocessing (resnet18.a1_in1k: 224 px, bicubic, crop_pct 0.95, ImageNet mean/std).
-    assert results["data_config"]["input_size"] == [3, 224, 224]
+    assert results["data_config"]["input_size"] == [3, 224, 224] and results["base_model"] == "timm/resnet18.a1_in1k"
     assert results["data_config"]["crop_pct"] == 0.95 and results["data_config"]["interpolation"] == "bicubic"
     assert json.loads((out / "config.json").read_text())["pretrained_cfg"]["input_size"] == [3, 224, 224]
+    metadata = yaml.safe_load((out / "README.md").read_text().split("---")[1])
+    assert metadata["base_model"] == "timm/resnet18.a1_in1k"
     prediction = pipeline("image-classification", model=str(out))(color_image(COLORS["red"], np.random.default_rng(2)))
     assert {p["label"] for p in prediction} == set(COLORS)
 
