@@ -561,15 +561,15 @@ class PushArguments:
 
     repo_id: str = field(metadata={"help": "Hub repository 'username/model-name' (created if missing)"})
     private: bool = field(default=False, metadata={"help": "create the repository as private"})
-    revision: str | None = field(default=None, metadata={"help": "branch to commit to (created if missing); "
-                                                                 "default: main"})
-    commit_message: str | None = field(default=None, metadata={"help": "commit message; default: says what was "
-                                                                        "uploaded"})
+    revision: str | None = field(default=None, metadata={"help": "branch to commit to, created if missing "
+                                                                 "(None: main)"})
+    commit_message: str | None = field(default=None, metadata={"help": "commit message (None: one that says what "
+                                                                        "was uploaded)"})
     full_model: bool = field(default=False, metadata={
         "help": "push the whole IBProjModel (encoder + projector, loads with trust_remote_code=True) to continue "
                 "pretraining, instead of the exported encoder"})
     overwrite_readme: bool = field(default=False, metadata={
-        "help": "replace a README.md on the Hub that differs from the generated card (by default it is kept)"})
+        "help": "replace a README.md on the Hub that differs from the generated card, instead of keeping it"})
 
 
 def register_cli(subparsers: argparse._SubParsersAction) -> None:
