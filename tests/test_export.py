@@ -128,20 +128,39 @@ _FRESH_LOADERS = """
     import timm, torch
     from PIL import Image
     from transformers import AutoImageProcessor, AutoModel, AutoModelForImageClassification, pipeline
-    folder, x_file, image_file, out_file = sys.argv[1:]
-    x = torch.load(x_file)
-    image = Image.open(image_file)
-    out = {}
+    stock_folder, small_folder, inputs_file, out_file = sys.argv[1:]
+    inputs = torch.load(inputs_file)
+    image, gray = Image.open(inputs["image"]), Image.open(inputs["gray"])
+    stock, small = {}, {}
     with torch.no_grad():
-        out["timm"] = timm.create_model("local-dir:" + folder, pretrained=True).eval()(x)
-        out["auto_model"] = AutoModel.from_pretrained(folder).eval()(x).pooler_output
-        classifier = AutoModelForImageClassification.from_pretrained(folder, num_labels=7).eval()
-        out["classifier_logits_shape"] = torch.tensor(classifier(x).logits.shape)
-        out["classifier_features"] = classifier.timm_model.forward_head(
+        x = inputs["x"]  # stock timm resnet18: timm and transformers load it as it is
+        stock["timm"] = timm.create_model("local-dir:" + stock_folder, pretrained=True).eval()(x)
+        stock["auto_model"] = AutoModel.from_pretrained(stock_folder).eval()(x).pooler_output
+        classifier = AutoModelForImageClassification.from_pretrained(stock_folder, num_labels=7).eval()
+        stock["classifier_logits_shape"] = torch.tensor(classifier(x).logits.shape)
+        stock["classifier_features"] = classifier.timm_model.forward_head(
             classifier.timm_model.forward_features(x), pre_logits=True)
-        out["processed"] = AutoImageProcessor.from_pretrained(folder)(image, return_tensors="pt")["pixel_values"]
-        out["pipeline"] = pipeline("image-feature-extraction", model=folder)(image, pool=True, return_tensors=True)
-    torch.save(out, out_file)
+        stock["processed"] = AutoImageProcessor.from_pretrained(stock_folder)(image, return_tensors="pt")[
+            "pixel_values"]
+        stock["pipeline"] = pipeline("image-feature-extraction", model=stock_folder)(
+            image, pool=True, return_tensors=True)
+
+        x = inputs["small_x"]  # small-image ResNet: the folder's own code, with trust_remote_code=True only
+        try:
+            AutoModel.from_pretrained(small_folder, trust_remote_code=False)
+        except ValueError as error:
+            small["refusal"] = str(error)
+        model = AutoModel.from_pretrained(small_folder, trust_remote_code=True).eval()
+        small["auto_model_module"] = type(model).__module__
+        small["auto_model"] = model(x).pooler_output
+        classifier = AutoModelForImageClassification.from_pretrained(
+            small_folder, num_labels=4, trust_remote_code=True).eval()
+        small["classifier_logits_shape"] = torch.tensor(classifier(x).logits.shape)
+        small["classifier_features"] = classifier.timm_model.forward_head(
+            classifier.timm_model.forward_features(x), pre_logits=True)
+        processor = AutoImageProcessor.from_pretrained(small_folder, trust_remote_code=True)
+        small["processed"] = processor(gray, return_tensors="pt")["pixel_values"]
+    torch.save({"stock": stock, "small": small}, out_file)
 """
 
 
@@ -154,24 +173,39 @@ def _reference_preprocess(image: Image.Image, model: IBProjModel) -> torch.Tenso
     return ((array - mean) / std)[None]
 
 
-def test_stock_backbone_loads_in_fresh_process_without_hf_ibproj(stock, tmp_path):
-    model, run = stock
+def test_exports_load_in_a_fresh_process_without_hf_ibproj(stock, small, tmp_path):
+    """Stock timm: timm, AutoModel, a new classifier head, AutoImageProcessor, pipeline. Small-image ResNet: the
+    folder carries its code, which transformers runs with trust_remote_code=True and only then."""
+    (stock_model, run), (small_model, small_folder) = stock, small
     torch.manual_seed(1)
-    x = torch.randn(3, 3, 32, 32)
-    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
-    torch.save(x, tmp_path / "x.pt")
+    x, small_x = torch.randn(3, 3, 32, 32), torch.randn(3, 1, 28, 28)
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    gray = Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8))
     image.save(tmp_path / "image.png")
-    run_without_hf_ibproj(_FRESH_LOADERS, run / "backbone", tmp_path / "x.pt", tmp_path / "image.png",
+    gray.save(tmp_path / "gray.png")
+    torch.save({"x": x, "small_x": small_x, "image": str(tmp_path / "image.png"), "gray": str(tmp_path / "gray.png")},
+               tmp_path / "inputs.pt")
+    run_without_hf_ibproj(_FRESH_LOADERS, run / "backbone", small_folder, tmp_path / "inputs.pt",
                           tmp_path / "out.pt", cwd=tmp_path)
     out = torch.load(tmp_path / "out.pt")
 
-    expected = features(model, x)
+    expected = features(stock_model, x)
     for name in ("timm", "auto_model", "classifier_features"):
-        assert (out[name] - expected).abs().max() <= 1e-6, name
-    assert out["classifier_logits_shape"].tolist() == [3, 7]
-    processed = _reference_preprocess(image, model)
-    assert torch.allclose(out["processed"], processed, atol=1e-6)
-    assert (out["pipeline"] - features(model, processed)).abs().max() <= 1e-6
+        assert (out["stock"][name] - expected).abs().max() <= 1e-6, name
+    assert out["stock"]["classifier_logits_shape"].tolist() == [3, 7]
+    processed = _reference_preprocess(image, stock_model)
+    assert torch.allclose(out["stock"]["processed"], processed, atol=1e-6)
+    assert (out["stock"]["pipeline"] - features(stock_model, processed)).abs().max() <= 1e-6
+
+    small_out = out["small"]
+    assert "trust_remote_code=True" in small_out["refusal"]
+    assert small_out["auto_model_module"].startswith("transformers_modules.")  # the folder's code, no package's
+    expected = features(small_model, small_x)
+    for name in ("auto_model", "classifier_features"):
+        assert (small_out[name] - expected).abs().max() <= 1e-6, name
+    assert small_out["classifier_logits_shape"].tolist() == [3, 4]
+    assert torch.allclose(small_out["processed"], _reference_preprocess(gray, small_model), atol=1e-6)
 
 
 def test_small_resnet_loads_after_import_hf_ibproj(small):
@@ -190,52 +224,6 @@ def test_small_resnet_loads_after_import_hf_ibproj(small):
         gray = Image.fromarray(np.random.default_rng(1).integers(0, 256, (28, 28), dtype=np.uint8))
         processed = AutoImageProcessor.from_pretrained(folder)(gray, return_tensors="pt")["pixel_values"]
         assert torch.allclose(processed, _reference_preprocess(gray, model), atol=1e-6)
-
-
-_FRESH_SMALL_LOADERS = """
-    import torch
-    from PIL import Image
-    from transformers import AutoImageProcessor, AutoModel, AutoModelForImageClassification
-    folder, x_file, image_file, out_file = sys.argv[1:]
-    x = torch.load(x_file)
-    out = {}
-    try:
-        AutoModel.from_pretrained(folder, trust_remote_code=False)
-    except ValueError as error:
-        out["refusal"] = str(error)
-    with torch.no_grad():
-        model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
-        out["auto_model_module"] = type(model).__module__
-        out["auto_model"] = model(x).pooler_output
-        classifier = AutoModelForImageClassification.from_pretrained(
-            folder, num_labels=4, trust_remote_code=True).eval()
-        out["classifier_logits_shape"] = torch.tensor(classifier(x).logits.shape)
-        out["classifier_features"] = classifier.timm_model.forward_head(
-            classifier.timm_model.forward_features(x), pre_logits=True)
-        processor = AutoImageProcessor.from_pretrained(folder, trust_remote_code=True)
-        out["processed"] = processor(Image.open(image_file), return_tensors="pt")["pixel_values"]
-    torch.save(out, out_file)
-"""
-
-
-def test_small_resnet_loads_in_fresh_process_without_hf_ibproj(small, tmp_path):
-    """The exported folder carries its code: transformers runs it with trust_remote_code=True, and only then."""
-    model, folder = small
-    x = torch.randn(3, 1, 28, 28)
-    gray = Image.fromarray(np.random.default_rng(2).integers(0, 256, (28, 28), dtype=np.uint8))
-    torch.save(x, tmp_path / "x.pt")
-    gray.save(tmp_path / "gray.png")
-    run_without_hf_ibproj(_FRESH_SMALL_LOADERS, folder, tmp_path / "x.pt", tmp_path / "gray.png",
-                          tmp_path / "out.pt", cwd=tmp_path)
-    out = torch.load(tmp_path / "out.pt")
-
-    assert "trust_remote_code=True" in out["refusal"]
-    assert out["auto_model_module"].startswith("transformers_modules.")  # the folder's own code, not a package's
-    expected = features(model, x)
-    for name in ("auto_model", "classifier_features"):
-        assert (out[name] - expected).abs().max() <= 1e-6, name
-    assert out["classifier_logits_shape"].tolist() == [3, 4]
-    assert torch.allclose(out["processed"], _reference_preprocess(gray, model), atol=1e-6)
 
 
 def test_config_describes_this_model_not_imagenet(stock, small):
