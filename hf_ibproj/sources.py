@@ -268,7 +268,8 @@ def _timm_config_source(timm_name: str, where: str, weights: Path | None, random
     config = AutoConfig.from_pretrained(where)
     with _seeded(seed):
         wrapper = AutoModel.from_config(config) if random_init else AutoModel.from_pretrained(where)
-    return Source(wrapper.timm_model.eval(), dict(getattr(config, "pretrained_cfg", None) or {}), "timm folder")
+    pretrained_cfg = getattr(config, "pretrained_cfg", None) or wrapper.timm_model.pretrained_cfg  # else the arch's
+    return Source(wrapper.timm_model.eval(), dict(pretrained_cfg), "timm folder")
 
 
 def _saved_by_transformers(weights: Path) -> bool:
