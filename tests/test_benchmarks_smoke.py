@@ -30,30 +30,106 @@ def run_smoke(script: str, *extra: str, timeout: int = 240) -> str:
 
 
 def test_compare_bottlenecks_smoke(tmp_path):
-    out, plots = tmp_path / "runs", tmp_path / "plots"
-    output = run_smoke("compare_bottlenecks.py", "--out", str(out), "--plots", str(plots))
-    assert "3/3 runs finished (0 failed)" in output
-    for name in ("accuracy_vs_mi.png", "sweep_mi_weight.png", "sweep_quantize_levels.png"):
-        assert (plots / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
-    summary = json.loads((out / "summary.json").read_text())
-    runs = summary["runs"]
-    assert sorted(r["objective"] for r in runs) == ["barlow_twins", "simclr", "simclr"]
-    for run in runs:  # values come from each run's own final_eval.json and metrics.jsonl
-        final = json.loads((out / run["name"] / "final_eval.json").read_text())
-        assert run["linear_top1"] == final["linear_top1"] and 0 <= run["knn_top1"] <= 100
-        last = [json.loads(line) for line in (out / run["name"] / "metrics.jsonl").read_text().splitlines()
-                if "I(Z1;Z2)" in line][-1]
-        assert run["I(Z1;Z2)"] == last["I(Z1;Z2)"] and run["I(Z1;R)"] == last["I(Z1;R)"]
-    combined = [r for r in runs if "combined" in r["labels"]]
-    assert {r["objective"] for r in combined} == {"simclr", "barlow_twins"}
-    assert all(r["flags"]["quantize-levels"] and r["flags"]["mi-weight"] and r["flags"]["sparse-latent-dim"]
-               for r in combined)
-    tables = (plots / "compare_bottlenecks.md").read_text()
-    assert "| simclr | combined | 1 |" in tables and "### SimCLR sweep over mi_weight" in tables
+    import numpy as np
+    from scipy import stats
 
-    # resumable: a second invocation finds every final_eval.json and redoes nothing
-    again = run_smoke("compare_bottlenecks.py", "--out", str(out), "--plots", str(plots))
-    assert again.count(": skipped") == 3 and "3/3 runs finished" in again
+    out, results, plots = tmp_path / "runs", tmp_path / "results", tmp_path / "plots"
+    dirs = ("--out", str(out), "--results", str(results), "--plots", str(plots))
+    output = run_smoke("compare_bottlenecks.py", *dirs)
+    assert "13 run summaries" in output and "(0 failed in this invocation" in output
+    for name in ("compare_sweeps.png", "compare_diagnostics.png", "compare_accuracy_vs_mi.png"):
+        assert (plots / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    runs = [json.loads(p.read_text()) for p in sorted(results.glob("*.json"))]
+    by_stage = {stage: [r for r in runs if r["stage"] == stage] for stage in ("search", "final", "untrained")}
+    # stage 1 on the validation split only (128 carved images), stage 2 and the untrained backbones on the test split
+    assert len(by_stage["search"]) == 3 and {r["split"] for r in by_stage["search"]} == {"validation"}
+    assert len(by_stage["final"]) == 8 and {r["split"] for r in by_stage["final"] + by_stage["untrained"]} == {"test"}
+    assert all(r["num_eval"] == 128 and r["num_train"] == 128 and 0 <= r["linear_top1"] <= 100 for r in runs)
+    assert sorted(r["seed"] for r in by_stage["untrained"]) == [0, 1]
+    for run in by_stage["search"] + by_stage["final"]:  # each summary holds its own run's records
+        records = [json.loads(line) for line in (out / run["name"] / "metrics.jsonl").read_text().splitlines()]
+        assert run["training_last"] == [r for r in records if "I(Z1;Z2)" in r][-1]
+        assert set(run["label_free"]) >= {"rankme", "alignment", "uniformity", "I(Z1;Z2)", "lower_bound"}
+
+    # the MI weight chosen on the validation split (highest mean, ties: the first listed) is the one the final runs use
+    search = {r["label"]: r["linear_top1"] for r in by_stage["search"]}
+    chosen = max(["1e-3", "1e-1"], key=lambda v: search[f"mi_weight={v}"])
+    combined = [r for r in by_stage["final"] if r["objective"] == "simclr" and r["label"] == "combined"]
+    assert len(combined) == 2 and all(r["flags"]["mi-weight"] == chosen for r in combined)
+
+    # the paired difference and its 95% t-interval, recomputed from the per-seed summaries
+    def top1(label):
+        cell = [r for r in by_stage["final"] if r["objective"] == "simclr" and r["label"] == label]
+        return np.array([r["linear_top1"] for r in sorted(cell, key=lambda r: r["seed"])])
+
+    differences = top1("combined") - top1("standard")
+    half = stats.t.ppf(0.975, 1) * differences.std(ddof=1) / np.sqrt(2)
+    tables = (plots / "compare_bottlenecks.md").read_text()
+    row = next(line for line in tables.splitlines() if line.startswith("| simclr | combined |"))
+    assert f"{differences.mean():+.2f} [{differences.mean() - half:+.2f}, {differences.mean() + half:+.2f}]" in row
+    verdict = ("helps" if differences.mean() - half > 0 else "hurts" if differences.mean() + half < 0
+               else "no detectable difference")
+    assert f"| {verdict} |" in row
+    final = [r for r in by_stage["final"]]
+    rho = stats.spearmanr([r["label_free"]["rankme"] for r in final], [r["linear_top1"] for r in final])[0]
+    row = next(line for line in tables.splitlines() if line.startswith("| rankme (higher) |"))
+    assert (f"{rho:+.2f} " if np.isfinite(rho) else "-, n=8") in row
+
+    # resumable: a second invocation finds every summary and redoes nothing
+    again = run_smoke("compare_bottlenecks.py", *dirs)
+    assert again.count(": skipped") == 13 and "13 run summaries" in again
+    # the committed summaries alone regenerate the same tables on any machine
+    (plots / "compare_bottlenecks.md").unlink()
+    run_smoke("compare_bottlenecks.py", "--report-only", "--results", str(results), "--plots", str(plots),
+              "--out", str(tmp_path / "elsewhere"))
+    assert (plots / "compare_bottlenecks.md").read_text() == tables
+    assert not (tmp_path / "elsewhere" / "data").exists()  # nothing was loaded or trained
+
+
+def test_compare_bottlenecks_choice_verdicts_and_diverged_runs():
+    """The search choice, the inverted-U call and the verdicts on hand-made summaries, against closed forms."""
+    import importlib
+
+    import numpy as np
+    from scipy import stats
+
+    sys.path.insert(0, str(BENCHMARKS))
+    compare = importlib.import_module("compare_bottlenecks")
+    search = {"simclr": {"mi_weight": (("1e-3", "1e-2", "1e-1"), "sweep")}}
+    planned = compare.search_runs(search, search_seeds=3, screen_seeds=1)
+    validation = {"standard": [70, 71, 72], "mi_weight=1e-3": [71, 72, 73], "mi_weight=1e-2": [74, 75, 76.5],
+                  "mi_weight=1e-1": [69, 70, 71]}
+
+    def summary(spec, top1, diverged=False):
+        return {"name": spec.name, "stage": spec.stage, "objective": spec.objective, "seed": spec.seed,
+                "label": spec.label, "flags": spec.flags, "split": "x", "linear_top1": top1, "knn_top1": top1,
+                "diverged": diverged}
+
+    summaries = [summary(spec, validation[spec.label][spec.seed - 100]) for spec in planned]
+    assert compare.choose(search, planned, summaries) == {"simclr": {"mi_weight": "1e-2"}}
+    assert compare.choose(search, planned, summaries[:-1]) == {}  # a partial search chooses nothing
+    assert compare.inverted_u(summaries, "simclr", "mi_weight", search["simclr"]["mi_weight"][0]).startswith(
+        "shown (peak at 1e-2, +4.17 pp")
+    # the best value diverged on one seed: it is never chosen, and the peak moves to the end of the sweep
+    diverged = [dict(s, linear_top1=None, diverged=True) if s["label"] == "mi_weight=1e-2" and s["seed"] == 101
+                else s for s in summaries]
+    assert compare.choose(search, planned, diverged) == {"simclr": {"mi_weight": "1e-3"}}
+
+    final = compare.final_runs({"simclr": {"mi_weight": "1e-2"}}, seeds=3, settings=("standard", "mi"))
+    test = {"standard": [80.0, 81.5, 79.0], "mi": [81.0, 81.9, 80.6]}
+    summaries = [summary(spec, test[spec.label][spec.seed]) for spec in final if spec.stage == "final"]
+    assert {s["flags"].get("mi-weight") for s in summaries} == {None, "1e-2"}
+    differences = np.array(test["mi"]) - np.array(test["standard"])
+    half = stats.t.ppf(0.975, 2) * differences.std(ddof=1) / np.sqrt(3)
+    d = compare.paired_difference(compare._runs_of(summaries, "final", "simclr", "mi"),
+                                  compare._runs_of(summaries, "final", "simclr", "standard"))
+    assert (d["mean"], d["low"], d["high"]) == pytest.approx((differences.mean(), differences.mean() - half,
+                                                              differences.mean() + half))
+    assert d["verdict"] == ("helps" if differences.mean() - half > 0 else "no detectable difference")
+    summaries[-1] = dict(summaries[-1], linear_top1=None, diverged=True)
+    report = compare.markdown_report(summaries, search, {"simclr": {"mi_weight": "1e-2"}})
+    row = next(line for line in report.splitlines() if line.startswith("| simclr | mi |"))
+    assert "diverged on 1 of 3 seeds" in row and "| 2 |" in row
 
 
 def test_peer_throughput_smoke():
@@ -90,3 +166,62 @@ def test_eval_speed_smoke(tmp_path):
     figures = json.loads(report.read_text())
     assert figures["num_train"] == 512 and figures["num_test"] == 256
     assert 0 <= figures["linear"]["top1"] <= 100 and figures["total_s"] > 0
+
+
+def test_peer_accuracy_smoke(tmp_path):
+    pytest.importorskip("lightly")
+    import numpy as np
+    import timm
+    import torch
+    from sklearn.neighbors import KNeighborsClassifier
+
+    from hf_ibproj.data import load_image_data
+
+    out = tmp_path / "peer"
+    output = run_smoke("peer_accuracy.py", "--out", str(out), timeout=900)
+    report = json.loads((out / "peer_accuracy.json").read_text())
+    rows = {row["side"]: row for row in report["rows"]}
+    assert set(rows) == {"train_py", "lightly_8-16-32-64", "lightly_8-8-8-8"}  # width 32's and the job's, scaled down
+    # train.py's backbone, rescored here, scores what train.py's own final evaluation (its own process) gave
+    final = json.loads((out / "train_py" / "final_eval.json").read_text())
+    assert rows["train_py"]["linear_top1"] == pytest.approx(final["linear_top1"], abs=0.5)
+    assert rows["train_py"]["knn_top1"] == pytest.approx(final["knn_top1"], abs=0.5)
+    # its phases add up to its wall time, measured outside the process (so at least what train.py measured inside)
+    job = report["train_py"]
+    assert sum(p["seconds"] for p in job["phases"]) == pytest.approx(job["wall_time_s"], abs=0.6)
+    assert job["wall_time_s"] >= json.loads((out / "train_py" / "run_info.json").read_text())["wall_time_s"]
+    assert report["default_job_ahead"] == all(rows["train_py"][k] > row[k] for row in rows.values()
+                                              if row["side"] != "train_py" for k in ("linear_top1", "knn_top1"))
+    budget = report["settings"]["minutes"] * 60
+    for key in (k for k in rows if k.startswith("lightly_")):
+        lightly = report["lightly"][key]
+        assert lightly["training_s"] >= budget - 0.05  # trains until the budget is spent
+        assert lightly["img_per_s"] == pytest.approx(lightly["steps"] * lightly["batch_size"] / lightly["training_s"],
+                                                     rel=0.02)
+        # the saved backbone is a timm folder at the side's width, normalized with the training images' statistics
+        backbone = timm.create_model(f"local-dir:{out / key}", pretrained=True).eval()
+        channels = [int(c) for c in key.removeprefix("lightly_").split("-")]
+        assert backbone.num_features == channels[-1]
+        train, test = (load_image_data("fashion_mnist", split, channels=1, image_size=report["settings"]["image_size"],
+                                       max_samples=n, seed=0) for split, n in (("train", 512), ("test", 256)))
+        pixels = train.images.numpy() / 255.0
+        assert lightly["mean"][0] == pytest.approx(pixels.mean(), abs=1e-4)
+        assert lightly["std"][0] == pytest.approx(pixels.std(), abs=1e-4)
+        # its kNN top-1 against scikit-learn's weighted kNN (k=200, cosine, weights exp(similarity / 0.1))
+        with torch.no_grad():
+            features = [backbone((split.images.float() / 255 - lightly["mean"][0]) / lightly["std"][0]).numpy()
+                        for split in (train, test)]
+        knn = KNeighborsClassifier(200, metric="cosine", weights=lambda d: np.exp((1 - d) / 0.1), algorithm="brute")
+        reference = 100 * knn.fit(features[0], train.labels.numpy()).score(features[1], test.labels.numpy())
+        assert rows[key]["knn_top1"] == pytest.approx(reference, abs=1.6)  # 4 of 256 test images (bf16 features)
+    assert re.search(r"^default job ahead of every lightly row on linear and kNN: (yes|NO)$", output, re.M)
+    assert "the default job's phases" in output and "final evaluation: linear probe" in output
+
+    # resumable: a second invocation finds every side and score done and trains nothing
+    again = run_smoke("peer_accuracy.py", "--out", str(out))
+    assert again.count(": skipped") == 6 and "whole run" not in again
+    assert json.loads((out / "peer_accuracy.json").read_text())["rows"] == report["rows"]
+    # other options into the same folder are refused, not mixed in
+    refused = subprocess.run([sys.executable, str(BENCHMARKS / "peer_accuracy.py"), "--smoke", "--minutes", "0.06",
+                              "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert refused.returncode == 2 and "holds results of other options" in refused.stderr
