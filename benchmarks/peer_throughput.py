@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import statistics
 import sys
 import tempfile
@@ -33,18 +32,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import train  # noqa: E402  (train.py at the repository root)
 from hf_ibproj import IBProjModel  # noqa: E402
-from hf_ibproj.backbones import create_backbone  # noqa: E402
 from hf_ibproj.data import load_image_data  # noqa: E402
 from hf_ibproj.train_config import DEFAULT_PRESET, TrainConfig  # noqa: E402
-
-
-def require_lightly():
-    try:
-        import lightly  # noqa: F401
-    except ImportError:
-        sys.exit("peer_throughput.py needs lightly, a benchmark-only dependency: pip install -e '.[bench]' "
-                 "(or pip install lightly).")
-    return lightly
+from lightly_recipe import (  # noqa: E402
+    LightlySimCLR, cpu_autocast, in_fresh_process, preset_uses_bf16, require_lightly)
 
 
 def train_py_rate(config_argv: list[str], config: TrainConfig, steps: int, warmup: int, out_dir: Path) -> float:
@@ -62,53 +53,15 @@ def train_py_rate(config_argv: list[str], config: TrainConfig, steps: int, warmu
     return steps * config.batch_size / seconds
 
 
-def _cpu_autocast(config: TrainConfig) -> torch.autocast:
-    """The preset's precision on the CPU, as both recipes run it: bf16 autocast, or fp32 (autocast off)."""
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.resolve_mixed_precision(torch.device("cpu")) == "bf16")
-
-
 def lightly_rate(config: TrainConfig, steps: int, warmup: int) -> float:
     """img/s of lightly's SimCLR recipe (PIL transforms in DataLoader workers) over `steps` timed steps."""
-    from lightly.loss import NTXentLoss
-    from lightly.models.modules import SimCLRProjectionHead
-    from lightly.transforms import SimCLRTransform
-    from PIL import Image
-
     data = load_image_data(config.dataset, config.train_split, channels=config.channels,
                            image_size=config.image_size, max_samples=(warmup + steps) * config.batch_size)
-    mean, std = train.channel_statistics(data.images)
-    mode = "L" if config.channels == 1 else "RGB"
-
-    class PILDataset(torch.utils.data.Dataset):
-        def __init__(self, transform) -> None:
-            self.transform = transform
-
-        def __len__(self) -> int:
-            return len(data)
-
-        def __getitem__(self, index: int):
-            array = data.images[index].permute(1, 2, 0).squeeze(-1).numpy()
-            return self.transform(Image.fromarray(array, mode=mode)), int(data.labels[index])
-
-    transform = SimCLRTransform(input_size=config.image_size, normalize={"mean": mean, "std": std})
-    loader = torch.utils.data.DataLoader(PILDataset(transform), batch_size=config.batch_size, shuffle=True,
-                                         drop_last=True, num_workers=config.num_workers,
-                                         persistent_workers=config.num_workers > 0)
-    backbone = create_backbone(config.backbone, **config.model_config().backbone_kwargs)
-    model = torch.nn.Sequential(backbone, SimCLRProjectionHead(backbone.num_features, 2048, 256))
-    model = model.to(memory_format=torch.channels_last).train()
-    criterion = NTXentLoss(temperature=config.nt_xent_tau)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.06 * config.batch_size / 256, momentum=0.9,
-                                weight_decay=5e-4)
-    autocast = _cpu_autocast(config)
+    recipe = LightlySimCLR(data, config.backbone, config.model_config().backbone_kwargs, batch_size=config.batch_size,
+                           num_workers=config.num_workers, bf16=preset_uses_bf16(config))
     started = None
-    for step, ((view_a, view_b), _) in enumerate(loader):
-        with autocast:
-            z = model(torch.cat([view_a, view_b]).contiguous(memory_format=torch.channels_last))
-            loss = criterion(*z.float().chunk(2))
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    for step, (view_a, view_b) in enumerate(recipe.loader):
+        recipe.step(view_a, view_b)
         if step == warmup - 1:  # the timed part fetches and trains the next `steps` batches
             started = time.perf_counter()
     return steps * config.batch_size / (time.perf_counter() - started)
@@ -120,7 +73,7 @@ def model_step_rate(config: TrainConfig, steps: int, warmup: int) -> float:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)  # cheaper than train.py's LARS
     views = torch.randn(config.batch_size, config.num_views, config.channels, config.image_size, config.image_size)
     views = [v.contiguous(memory_format=torch.channels_last) for v in views.unbind(1)]
-    autocast = _cpu_autocast(config)
+    autocast = cpu_autocast(preset_uses_bf16(config))
     for step in range(warmup + steps):
         if step == warmup:
             started = time.perf_counter()
@@ -130,26 +83,6 @@ def model_step_rate(config: TrainConfig, steps: int, warmup: int) -> float:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return steps * config.batch_size / (time.perf_counter() - started)
-
-
-def _in_child(function, queue, *args) -> None:
-    try:
-        queue.put(function(*args))
-    except BaseException as error:  # reported to the parent, which fails with it
-        queue.put(error)
-
-
-def forked(function, *args) -> float:
-    """`function(*args)` in a forked process (fresh Accelerate state, nothing left behind) -> its result."""
-    context = multiprocessing.get_context("fork")
-    queue = context.Queue()
-    child = context.Process(target=_in_child, args=(function, queue, *args))
-    child.start()
-    result = queue.get()
-    child.join()
-    if isinstance(result, BaseException):
-        raise RuntimeError(f"{function.__name__} failed: {result!r}")
-    return result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -170,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.mixed_precision:
         overrides["mixed_precision"] = args.mixed_precision
     if args.smoke:
-        overrides.update(backbone_kwargs="{channels: [4, 8, 8, 8]}", batch_size="16", num_workers="1")
+        overrides.update(backbone_kwargs="{channels: [8, 8, 8, 8]}", batch_size="16", num_workers="1")
         args.steps, args.warmup, args.rounds = 1, 1, 1
         torch.set_num_threads(1)
     for name in ("steps", "warmup", "rounds"):
@@ -189,9 +122,10 @@ def main(argv: list[str] | None = None) -> int:
     ours, theirs, step_only = [], [], []
     with tempfile.TemporaryDirectory(prefix="peer_throughput_") as temp:
         for round_index in range(args.rounds):
-            ours.append(forked(train_py_rate, config_argv, config, args.steps, args.warmup, Path(temp) / f"run{round_index}"))
-            theirs.append(forked(lightly_rate, config, args.steps, args.warmup))
-            step_only.append(forked(model_step_rate, config, args.steps, args.warmup))
+            ours.append(in_fresh_process(train_py_rate, config_argv, config, args.steps, args.warmup,
+                                         Path(temp) / f"run{round_index}"))
+            theirs.append(in_fresh_process(lightly_rate, config, args.steps, args.warmup))
+            step_only.append(in_fresh_process(model_step_rate, config, args.steps, args.warmup))
             print(f"round {round_index + 1}: train.py {ours[-1]:.1f} img/s, lightly {theirs[-1]:.1f} img/s, "
                   f"model step alone {step_only[-1]:.1f} img/s", flush=True)
     ours_rate, theirs_rate, step_rate = (statistics.median(r) for r in (ours, theirs, step_only))
