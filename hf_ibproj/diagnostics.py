@@ -18,8 +18,8 @@ Which quantity, computed without labels, tells the better encoder? `label_free_d
 The batch-level quantities (the matrix entropies and the objective) are computed on consecutive chunks of about
 `batch_size` images, as the paper computes them on a training batch, and averaged over the chunks; their values
 depend on that size (H_2 <= log n), so compare runs with the same images and batch size. The model runs in eval
-mode (BatchNorm statistics are used, not updated) and in full precision, without gathering across processes:
-call it from one process.
+mode (BatchNorm statistics are used, not updated) and in full precision even inside an autocast region, without
+gathering across processes: call it from one process, with the unwrapped model.
 
 Written by hand: these are a few lines of math each, and no library among the project's dependencies has them.
 """
@@ -94,7 +94,7 @@ def label_free_diagnostics(
     device = next(model.parameters()).device
     alpha = model.config.mi_alpha
     chunks = images.tensor_split(math.ceil(len(images) / batch_size))  # near-equal sizes: comparable chunks
-    with _diagnostic_mode(model), torch.inference_mode():
+    with _diagnostic_mode(model), torch.inference_mode(), torch.autocast(device.type, enabled=False):
         z1 = [model.get_image_features(to_model_input(chunk.to(device), mean, std)) for chunk in chunks]
         z2 = [model.projector(z) for z in z1]
         i_z1_z2 = _mean(matrix_mutual_information(a, b, alpha) for a, b in zip(z1, z2))

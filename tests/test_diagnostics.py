@@ -156,6 +156,8 @@ def test_diagnostics_leave_the_model_and_the_random_streams_as_they_were():
     assert label_free_diagnostics(model, images, MEAN, STD, augment=augment, batch_size=6) == first
     other_seed = label_free_diagnostics(model, images, MEAN, STD, augment=augment, batch_size=6, seed=1)
     assert other_seed["alignment"] != first["alignment"]
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # full precision inside a training step's autocast too
+        assert label_free_diagnostics(model, images, MEAN, STD, augment=augment, batch_size=6) == first
     # without augmentation only the quantities of the images themselves
     plain = label_free_diagnostics(model, images, MEAN, STD, batch_size=6)
     assert set(plain) == {"rankme", "uniformity", "I(Z1;Z2)", "H(Z1)", "upper_bound"}
