@@ -1,39 +1,56 @@
 """Pretrain an encoder with a bottleneck projector ("Projection Head is Secretly an Information Bottleneck").
 
-    python train.py                                   # CPU preset: SimCLR on Fashion-MNIST, then probe + kNN
+    python train.py                                   # CPU preset: SimCLR on Fashion-MNIST in 10 minutes, probe + kNN
     python train.py --config configs/cifar10_simclr.yaml --quantize-levels 30
     accelerate launch --num_processes 8 train.py --config configs/imagenet100_barlow_twins.yaml
-    python train.py --output-dir runs/x --resume      # continue from the latest checkpoint of runs/x
+    python train.py --output-dir runs/x --resume      # continue runs/x from its latest checkpoint, as configured
 
 One Accelerate loop: data -> two-view augmentation on the device -> IBProjModel (backbone -> projector)
 -> SSL loss + MI penalty; an online linear probe on detached encoder features, a kNN monitor every epoch,
 the information-plane diagnostics of PAPER.md section 5, atomic checkpoints, and a run folder holding the
 resolved config, seed, versions, metrics, plot, final model, exported backbone and final evaluation.
+With `--time-budget MINUTES` the run measures its own step time and fixes its step count to end on time.
 """
 
 from __future__ import annotations
 
-import json
-import sys
 import time
-from datetime import datetime
-from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-from accelerate import Accelerator, PartialState
-from accelerate.utils import ProjectConfiguration, broadcast_object_list, set_seed
-from timm.optim import create_optimizer_v2
-from tqdm.auto import tqdm
-from transformers import get_cosine_schedule_with_warmup
+PROCESS_START = time.time()  # the time budget counts from here (before the heavy imports)
 
-from hf_ibproj import IBProjModel
-from hf_ibproj.augmentation import TwoViewAugmentation
-from hf_ibproj.data import ImageData, StreamingImageDataset, load_image_data
-from hf_ibproj.evaluation import evaluate_backbone, extract_features, format_table, knn_accuracy
-from hf_ibproj.hub import export_backbone
-from hf_ibproj.plotting import plot_information_plane
-from hf_ibproj.runs import (
+import json  # noqa: E402
+import sys  # noqa: E402
+from datetime import datetime  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from accelerate import Accelerator, PartialState  # noqa: E402
+from accelerate.utils import ProjectConfiguration, broadcast_object_list, set_seed  # noqa: E402
+from timm.optim import create_optimizer_v2, param_groups_weight_decay  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+from transformers import get_cosine_schedule_with_warmup  # noqa: E402
+
+from hf_ibproj import IBProjModel  # noqa: E402
+from hf_ibproj.augmentation import TwoViewAugmentation  # noqa: E402
+from hf_ibproj.data import ImageData, StreamingImageDataset, load_image_data, stratified_indices  # noqa: E402
+from hf_ibproj.evaluation import (  # noqa: E402
+    evaluate_features,
+    extract_dataset_features,
+    extract_features,
+    format_table,
+    knn_accuracy,
+)
+from hf_ibproj.hub import (  # noqa: E402
+    PushError,
+    check_push_access,
+    download_run_checkpoint,
+    export_backbone,
+    push_checkpoint,
+    push_to_hub,
+)
+from hf_ibproj.plotting import plot_information_plane  # noqa: E402
+from hf_ibproj.runs import (  # noqa: E402
     MetricsLog,
     hardware_summary,
     latest_checkpoint,
@@ -42,7 +59,14 @@ from hf_ibproj.runs import (
     write_json,
     write_yaml,
 )
-from hf_ibproj.train_config import TrainConfig, parse_train_config
+from hf_ibproj.train_config import RUN_CONFIG, TrainConfig, early_arguments, parse_train_config, read_preset  # noqa: E402
+
+# Time budget: steps timed after MEASURE_SKIP warm-up steps, over MEASURE_STEPS steps; the plan aims at
+# BUDGET_TARGET of the budget, and the final evaluation is taken to cost FINAL_EVAL_MARGIN x the random-init one.
+MEASURE_SKIP, MEASURE_STEPS = 3, 12
+BUDGET_TARGET, FINAL_EVAL_MARGIN, FINAL_SAVE_SECONDS = 0.98, 1.15, 5.0
+STREAMING_EVAL_TRAIN_SAMPLES = 20000  # final_eval_train_samples when streaming and unset
+STATISTICS_SAMPLES = 10000  # images behind the channel mean / std
 
 
 class NonFiniteLossError(RuntimeError):
@@ -50,16 +74,28 @@ class NonFiniteLossError(RuntimeError):
 
 
 class TrainingProgress:
-    """Optimizer steps done; saved in every checkpoint so `--resume` continues mid-epoch."""
+    """Optimizer steps done and the schedule's plan; saved in every checkpoint, so `--resume` neither re-plans
+    nor restarts an epoch (nanoGPT: on resume the run settings come from the checkpoint)."""
 
-    def __init__(self) -> None:
-        self.step = 0
+    def __init__(self, total_steps: int, warmup_steps: int, planned: bool) -> None:
+        self.step, self.total_steps, self.warmup_steps, self.planned = 0, total_steps, warmup_steps, planned
+        self.skipped_images = 0  # corrupt images replaced while streaming
 
     def state_dict(self) -> dict:
-        return {"step": self.step}
+        return dict(vars(self))
 
     def load_state_dict(self, state: dict) -> None:
-        self.step = state["step"]
+        vars(self).update(state)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, progress: TrainingProgress) -> torch.optim.lr_scheduler.LambdaLR:
+    """Warm-up then cosine (PAPER.md section 6) per optimizer step, positioned at `progress.step`.
+
+    Rebuilt rather than checkpointed: (step, warmup, total) determine it, and the time budget fixes the total
+    only after the first steps. Each group's `initial_lr` is in the optimizer state, so this also works on resume.
+    """
+    return get_cosine_schedule_with_warmup(optimizer, progress.warmup_steps, progress.total_steps,
+                                           last_epoch=progress.step - 1)
 
 
 def resolve_run_dir(config: TrainConfig, state: PartialState, resume: bool) -> Path:
@@ -76,30 +112,122 @@ def resolve_run_dir(config: TrainConfig, state: PartialState, resume: bool) -> P
     return run_dir
 
 
-def load_data(config: TrainConfig, accelerator: Accelerator) -> tuple[ImageData | None, ImageData | None, object]:
-    """Training data (decoded once in memory, or a per-sample dataset for `--streaming`) and the held-out split."""
+def fetch_run_from_hub(argv: list[str] | None, state: PartialState) -> None:
+    """`--resume --push-to-hub REPO` on a machine without the run: download its records and last checkpoint."""
+    early = early_arguments(argv)
+    if not (early.resume and early.push_to_hub and early.output_dir) or latest_checkpoint(Path(early.output_dir)):
+        return
+    if state.is_main_process:
+        checkpoint = download_run_checkpoint(early.push_to_hub, Path(early.output_dir))
+        print(f"downloaded {checkpoint} from the Hub repo {early.push_to_hub}")
+    state.wait_for_everyone()
+
+
+def load_data(config: TrainConfig, accelerator: Accelerator) -> tuple[ImageData | StreamingImageDataset, object]:
+    """Training and held-out data: decoded once in memory, or per-sample datasets for `--streaming`."""
     common = dict(image_column=config.image_column, label_column=config.label_column, channels=config.channels,
                   image_size=config.image_size)
     with accelerator.main_process_first():
-        held_out = None
-        if config.eval_split:
-            held_out = load_image_data(config.dataset, config.eval_split, max_samples=config.eval_max_samples, **common)
         if config.streaming:
-            stream = StreamingImageDataset.from_source(
-                config.dataset, config.train_split, image_column=config.image_column,
-                label_column=config.label_column, channels=config.channels, image_size=config.image_size,
-            )
-            return None, held_out, stream
-        train = load_image_data(config.dataset, config.train_split, max_samples=config.max_samples, **common)
+            train = StreamingImageDataset.from_source(config.dataset, config.train_split, **common)
+            held_out = (StreamingImageDataset.from_source(config.dataset, config.eval_split, **common)
+                        if config.eval_split else None)
+            return train, held_out
+        train = load_image_data(config.dataset, config.train_split, max_samples=config.max_samples,
+                                seed=config.seed, **common)
+        held_out = (load_image_data(config.dataset, config.eval_split, max_samples=config.eval_max_samples,
+                                    seed=config.seed, **common) if config.eval_split else None)
     if train.skipped:
         accelerator.print(f"skipped {train.skipped} corrupt image(s) in {config.dataset}:{config.train_split}")
-    return train, held_out, None
+    return train, held_out
 
 
-def channel_statistics(images: torch.Tensor, limit: int = 10000) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std of uint8 images in [0, 1] (the model's normalization, written to its config)."""
-    sample = images[:limit].float().div_(255)
-    return sample.mean(dim=(0, 2, 3)).tolist(), sample.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()
+def labels_of(split) -> torch.Tensor | None:
+    return split.labels if split is not None else None
+
+
+def subset(split, count: int | None, seed: int) -> torch.Tensor:
+    """A seeded, class-stratified selection of `count` rows of `split` (all rows when `count` is None)."""
+    return stratified_indices(labels_of(split), len(split) if count is None else count, seed, num_rows=len(split))
+
+
+def features_of(backbone: torch.nn.Module, split, indices: torch.Tensor, mean: list[float], std: list[float],
+                config: TrainConfig, progress: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Frozen-backbone features and labels of the rows `indices`; only the features are kept in memory."""
+    if isinstance(split, ImageData):
+        labels = split.labels[indices] if split.labels is not None else None
+        return extract_features(backbone, split.images[indices], mean, std, progress=progress), labels
+    return extract_dataset_features(backbone, split, indices.tolist(), mean, std, num_workers=config.num_workers,
+                                    progress=progress)
+
+
+def channel_statistics(train, config: TrainConfig) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std in [0, 1] of a stratified subset of the training images (written to the config)."""
+    indices = subset(train, STATISTICS_SAMPLES, config.seed)
+    if isinstance(train, ImageData):
+        batches = [train.images[indices]]
+    else:
+        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(train, indices.tolist()), batch_size=256,
+                                             num_workers=config.num_workers)
+        batches = (images for images, *_ in loader)
+    count, total, total_squares = 0, 0.0, 0.0
+    for images in batches:
+        pixels = images.double().div_(255).transpose(0, 1).flatten(1)  # (C, pixels)
+        count, total, total_squares = count + pixels.shape[1], total + pixels.sum(1), total_squares + pixels.square().sum(1)
+    mean = total / count
+    std = (total_squares / count - mean.square()).clamp_min(0).sqrt().clamp_min(1e-3)
+    return mean.tolist(), std.tolist()
+
+
+def evaluate(backbone: torch.nn.Module, train, held_out, mean: list[float], std: list[float], config: TrainConfig,
+             name: str) -> dict:
+    """Linear probe + kNN of the frozen backbone (hf_ibproj.evaluation), with the time of each phase."""
+    print(f"evaluating the {name} backbone (linear probe + kNN)", flush=True)
+    started = time.perf_counter()
+    cap = config.final_eval_train_samples or (STREAMING_EVAL_TRAIN_SAMPLES if config.streaming else None)
+    train_features, train_labels = features_of(backbone, train, subset(train, cap, config.seed), mean, std, config,
+                                               progress=True)
+    test_features, test_labels = features_of(backbone, held_out, subset(held_out, None, config.seed), mean, std,
+                                             config, progress=True)
+    extraction = round(time.perf_counter() - started, 2)
+    result = evaluate_features(train_features, train_labels, test_features, test_labels,
+                               class_names=train.class_names, seed=config.seed)
+    result["seconds"]["feature_extraction"] = extraction
+    return result
+
+
+def num_classes_of(split) -> int:
+    if split is None or labels_of(split) is None:
+        return 0
+    return len(split.class_names) if split.class_names else int(split.labels.max()) + 1
+
+
+def knn_monitor(backbone: torch.nn.Module, train, held_out, config: TrainConfig, mean: list[float],
+                std: list[float]) -> float:
+    """kNN top-1 of the current encoder: stratified held-out queries against a stratified training memory bank."""
+    bank_features, bank_labels = features_of(backbone, train, subset(train, config.knn_train_samples, config.seed),
+                                             mean, std, config, progress=False)
+    query_features, query_labels = features_of(backbone, held_out,
+                                               subset(held_out, config.knn_eval_samples, config.seed), mean, std,
+                                               config, progress=False)
+    result = knn_accuracy(bank_features, bank_labels, query_features, query_labels, num_classes=num_classes_of(train))
+    return result["top1"]
+
+
+def micro_batch_iterator(order: torch.Tensor, start: int, train, config: TrainConfig, device: torch.device):
+    """(uint8 images on the device, labels or None, images skipped as corrupt) for the micro-batches from `start`."""
+    if isinstance(train, ImageData):
+        for indices in order[start:]:
+            labels = train.labels[indices].to(device) if train.labels is not None else None
+            yield train.images[indices].to(device, non_blocking=True), labels, 0
+        return
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.Subset(train, order[start:].flatten().tolist()),
+        batch_size=order.shape[1], num_workers=config.num_workers, pin_memory=device.type == "cuda",
+    )
+    for images, labels, skipped in loader:
+        labels = None if train.labels is None else labels.to(device)
+        yield images.to(device, non_blocking=True), labels, int(skipped.sum())
 
 
 def epoch_order(num_samples: int, seed: int, epoch: int, accelerator: Accelerator, micro_batches: int,
@@ -111,39 +239,58 @@ def epoch_order(num_samples: int, seed: int, epoch: int, accelerator: Accelerato
     return shard[: micro_batches * batch_size].view(micro_batches, batch_size)
 
 
-def micro_batch_iterator(order: torch.Tensor, start: int, train: ImageData | None, stream, config: TrainConfig,
-                         device: torch.device):
-    """(uint8 images on the device, labels or None) for the micro-batches of `order` from index `start`."""
-    if train is not None:
-        for indices in order[start:]:
-            labels = train.labels[indices].to(device) if train.labels is not None else None
-            yield train.images[indices].to(device, non_blocking=True), labels
-        return
-    loader = torch.utils.data.DataLoader(
-        torch.utils.data.Subset(stream, order[start:].flatten().tolist()),
-        batch_size=order.shape[1], num_workers=config.num_workers, pin_memory=device.type == "cuda",
-        persistent_workers=False,
-    )
-    for images, labels in loader:
-        yield images.to(device, non_blocking=True), (None if stream.label_column is None else labels.to(device))
+def plan_length(config: TrainConfig, steps_per_epoch: int) -> tuple[int, bool]:
+    """(total optimizer steps, whether they are fixed now); a time budget fixes them after the first steps."""
+    kind, value = config.length
+    if kind == "max_steps":
+        return int(value), True
+    if kind == "epochs":
+        return int(value) * steps_per_epoch, True
+    return steps_per_epoch * 1000, False  # provisional: only the warm-up runs before the budget is planned
 
 
-def knn_monitor(backbone: torch.nn.Module, train: ImageData, held_out: ImageData, config: TrainConfig,
-                mean: list[float], std: list[float]) -> float:
-    """kNN top-1 of the current encoder on a held-out subset (memory bank: a training subset)."""
-    bank = slice(0, config.knn_train_samples)
-    queries = slice(0, config.knn_eval_samples)
-    bank_features = extract_features(backbone, train.images[bank], mean, std)
-    query_features = extract_features(backbone, held_out.images[queries], mean, std)
-    result = knn_accuracy(bank_features, train.labels[bank], query_features, held_out.labels[queries],
-                          num_classes=held_out.num_classes)
-    return result["top1"]
+def fix_budget(progress: TrainingProgress, config: TrainConfig, step_seconds: float, random_init: dict | None,
+               steps_per_epoch: int, accelerator: Accelerator, run_dir: Path) -> None:
+    """Fix the step count so that training, the kNN monitors and the final phase end within the time budget.
+
+    The final evaluation is taken to cost FINAL_EVAL_MARGIN x the random-init one (same architecture and data), a
+    kNN monitor its share of that feature extraction. The main process decides; every process follows.
+    """
+    final_seconds, knn_seconds = FINAL_SAVE_SECONDS, 0.0
+    if random_init is not None:
+        seconds = random_init["seconds"]
+        final_seconds += FINAL_EVAL_MARGIN * sum(seconds.values())
+        monitored = min(config.knn_train_samples, random_init["num_train"]) + min(config.knn_eval_samples,
+                                                                                  random_init["num_test"])
+        knn_seconds = seconds["feature_extraction"] * monitored / (random_init["num_train"] + random_init["num_test"])
+    elapsed = time.time() - PROCESS_START
+    available = config.time_budget * 60 * BUDGET_TARGET - elapsed - final_seconds
+    steps = 0
+    for _ in range(3):  # the epoch ends crossed (each with a kNN monitor) depend on the steps: iterate to a fixed point
+        epoch_ends = (progress.step + steps) // steps_per_epoch - progress.step // steps_per_epoch
+        steps = max(0, int((available - epoch_ends * knn_seconds) / step_seconds))
+    plan = broadcast_object_list([{
+        "time_budget_min": config.time_budget, "planned_at_step": progress.step, "total_steps": progress.step + steps,
+        "epochs": round((progress.step + steps) / steps_per_epoch, 2), "step_s": round(step_seconds, 4),
+        "img_per_s": round(config.batch_size * accelerator.num_processes / step_seconds, 1),
+        "knn_monitor_s": round(knn_seconds, 2), "final_phase_s": round(final_seconds, 1),
+        "elapsed_at_plan_s": round(elapsed, 1),
+    }])[0]
+    progress.total_steps, progress.planned = plan["total_steps"], True
+    progress.warmup_steps = min(progress.warmup_steps, progress.total_steps)
+    if accelerator.is_main_process:
+        update_run_info(run_dir, plan=plan)
+        print(f"time budget: {plan['total_steps']} steps ({plan['epochs']} epochs) at {plan['img_per_s']:.0f} img/s, "
+              f"{plan['final_phase_s']:.0f} s kept for the final evaluation")
 
 
 def main(argv: list[str] | None = None) -> int:
-    config, args = parse_train_config(argv)
     cpu = not torch.cuda.is_available()
     state = PartialState(cpu=cpu)
+    fetch_run_from_hub(argv, state)
+    config, args = parse_train_config(argv)
+    if config.push_to_hub:
+        check_push_access(config.push_to_hub)  # a bad repo id or no token fails now, not after hours of training
     run_dir = resolve_run_dir(config, state, args.resume)
     config.mixed_precision = config.resolve_mixed_precision(state.device)
     accelerator = Accelerator(
@@ -155,14 +302,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     device = accelerator.device
 
-    train, held_out, stream = load_data(config, accelerator)
-    if train is not None:
-        num_samples, num_classes = len(train), (train.num_classes if train.labels is not None else 0)
-    else:  # streaming: the online probe needs class names to size its head
-        num_samples, num_classes = len(stream), len(stream.class_names or [])
-    labeled = num_classes > 0
-    reference = train if train is not None else held_out
-    mean, std = channel_statistics(reference.images) if reference is not None else ([0.5] * config.channels,) * 2
+    train, held_out = load_data(config, accelerator)
+    num_classes = num_classes_of(train)
+    mean, std = channel_statistics(train, config)
+    evaluable = config.final_eval and num_classes > 0 and labels_of(held_out) is not None
 
     torch.manual_seed(config.seed)  # identical initial weights on every process and every run of a seed
     model_config = config.model_config()
@@ -178,119 +321,76 @@ def main(argv: list[str] | None = None) -> int:
     # PAPER.md section 6: lr scaled by the global batch / 256, warm-up then cosine per optimizer step.
     global_batch = config.batch_size * accelerator.num_processes * config.gradient_accumulation_steps
     lr = config.lr * global_batch / 256
-    steps_per_epoch = num_samples // global_batch
+    steps_per_epoch = len(train) // global_batch
     if steps_per_epoch == 0:
-        raise ValueError(f"{num_samples} training samples do not fill one global batch of {global_batch}; "
+        raise ValueError(f"{len(train)} training samples do not fill one global batch of {global_batch}; "
                          "lower --batch-size or use more data.")
-    total_steps = config.epochs * steps_per_epoch
     micro_batches = steps_per_epoch * config.gradient_accumulation_steps
-    optimizer_kwargs = {"trust_coeff": config.lars_eta, "trust_clip": True} if config.optimizer == "lars" else {}
-    optimizer = create_optimizer_v2(model, config.optimizer, lr=lr, weight_decay=config.weight_decay,
-                                    momentum=config.momentum, **optimizer_kwargs)
-    probe_optimizer = torch.optim.AdamW(probe.parameters(), lr=config.online_probe_lr)
-    # Not prepared: accelerate would step it once per process; it is stepped once per optimizer step.
-    scheduler = get_cosine_schedule_with_warmup(optimizer, round(config.warmup_epochs * steps_per_epoch), total_steps)
-    model, optimizer, probe, probe_optimizer = accelerator.prepare(model, optimizer, probe, probe_optimizer)
-    progress = TrainingProgress()
-    accelerator.register_for_checkpointing(scheduler, progress)
+    optimizer = build_optimizer(model, probe, config, lr)
+    model, probe, optimizer = accelerator.prepare(model, probe, optimizer)
+    total_steps, planned = plan_length(config, steps_per_epoch)
+    progress = TrainingProgress(total_steps, round(config.warmup_epochs * steps_per_epoch), planned)
+    accelerator.register_for_checkpointing(progress)
+    unwrapped = accelerator.unwrap_model(model)
 
     metrics = MetricsLog(run_dir / "metrics.jsonl")
     resolved = {**config.to_dict(), "num_processes": accelerator.num_processes, "global_batch_size": global_batch,
-                "scaled_lr": lr, "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
+                "scaled_lr": lr, "steps_per_epoch": steps_per_epoch,
+                "total_steps": progress.total_steps if progress.planned else "planned by time_budget (run_info.json)",
                 "image_mean": mean, "image_std": std, "model": model_config.to_diff_dict()}
     if args.resume:
         checkpoint = latest_checkpoint(run_dir)
         accelerator.load_state(str(checkpoint))
-        accelerator.print(f"resumed from {checkpoint} at step {progress.step}")
+        accelerator.print(f"resumed from {checkpoint} at step {progress.step} of {progress.total_steps}")
         if accelerator.is_main_process:
             metrics.truncate_after(progress.step)
     if accelerator.is_main_process:
-        write_yaml(run_dir / "config.yaml", resolved)
-        write_json(run_dir / "run_info.json", {
-            "seed": config.seed, "versions": library_versions(),
-            "hardware": hardware_summary(device, accelerator.num_processes),
-            "command": " ".join(sys.argv), "started": datetime.now().isoformat(timespec="seconds"),
-        })
-        print(f"run folder: {run_dir}\nresolved configuration:")
-        for key, value in resolved.items():
-            print(f"  {key}: {value}")
+        start_records(run_dir, config, resolved, args, device, accelerator.num_processes)
     if config.tracker != "none":
         accelerator.init_trackers("ibproj", config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
                                                     for k, v in resolved.items()})
 
-    unwrapped = accelerator.unwrap_model(model)
-    started = time.perf_counter()
-    window_start, window_images, probe_hits, probe_seen = time.perf_counter(), 0, 0, 0
-    bar = tqdm(total=total_steps, initial=progress.step, disable=not accelerator.is_main_process, desc="pretrain")
+    # The random-init floor is the run's own initial backbone (same seed); evaluated first, its time sizes the
+    # final evaluation's share of a time budget.
+    random_init_file = run_dir / "random_init_eval.json"
+    if evaluable and accelerator.is_main_process and not random_init_file.is_file():
+        write_json(random_init_file, evaluate(unwrapped.backbone, train, held_out, mean, std, config, "random-init"))
+    accelerator.wait_for_everyone()
+    random_init = json.loads(random_init_file.read_text()) if random_init_file.is_file() else None
+
+    scheduler = make_scheduler(optimizer, progress)
+    bar = tqdm(total=progress.total_steps, initial=progress.step, disable=not accelerator.is_main_process,
+               desc="pretrain")
+    window = {"start": time.perf_counter(), "images": 0, "probe_hits": 0, "probe_seen": 0}
+    measured_from = None
     model.train()
     try:
-        while progress.step < total_steps:
+        while progress.step < progress.total_steps:
             epoch, start_step = divmod(progress.step, steps_per_epoch)
-            order = epoch_order(num_samples, config.seed, epoch, accelerator, micro_batches, config.batch_size)
-            batches = micro_batch_iterator(order, start_step * config.gradient_accumulation_steps, train, stream,
-                                           config, device)
-            for images, labels in batches:
-                views = augment(images)
-                with accelerator.accumulate(model, probe):
-                    diagnose = (progress.step + 1) % config.diagnostics_every == 0 and accelerator.sync_gradients
-                    output = model(views, return_diagnostics=diagnose)
-                    loss = output.loss
-                    if labeled:
-                        # Online linear probe on DETACHED encoder features: no gradient reaches the encoder.
-                        logits = probe(output.encoder_features.detach().float())
-                        targets = labels.repeat(config.num_views)
-                        loss = loss + F.cross_entropy(logits, targets)
-                        probe_hits += (logits.argmax(1) == targets).sum().item()
-                        probe_seen += targets.numel()
-                    non_finite = (~torch.isfinite(output.loss)).float()
-                    if accelerator.num_processes > 1:  # every process stops together, or DDP would hang
-                        non_finite = accelerator.reduce(non_finite, "max")
-                    if non_finite.item():
-                        raise NonFiniteLossError(
-                            f"non-finite loss ({output.loss.item()}) at step {progress.step}; stopping. The last good "
-                            f"checkpoint is {latest_checkpoint(run_dir)}. Lower --lr or --mi-weight and --resume."
-                        )
-                    accelerator.backward(loss)
-                    optimizer.step()
-                    probe_optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    probe_optimizer.zero_grad(set_to_none=True)
-                window_images += images.shape[0] * accelerator.num_processes
+            order = epoch_order(len(train), config.seed, epoch, accelerator, micro_batches, config.batch_size)
+            for images, labels, skipped in micro_batch_iterator(order, start_step * config.gradient_accumulation_steps,
+                                                                train, config, device):
+                progress.skipped_images += skipped
+                output, diagnose = train_step(model, probe, optimizer, augment, images, labels, accelerator,
+                                              config, progress, window, run_dir)
+                window["images"] += images.shape[0] * accelerator.num_processes
                 if not accelerator.sync_gradients:
                     continue
                 scheduler.step()
                 progress.step += 1
                 bar.update(1)
+                if not progress.planned and progress.step == MEASURE_SKIP:
+                    measured_from = time.perf_counter()
+                if not progress.planned and progress.step == MEASURE_SKIP + MEASURE_STEPS:
+                    step_seconds = (time.perf_counter() - measured_from) / MEASURE_STEPS
+                    fix_budget(progress, config, step_seconds, random_init, steps_per_epoch, accelerator, run_dir)
+                    scheduler = make_scheduler(optimizer, progress)
+                    bar.total = progress.total_steps
                 if progress.step % config.log_every == 0 or diagnose:
-                    elapsed = time.perf_counter() - window_start
-                    record = {"step": progress.step, "epoch": progress.step / steps_per_epoch,
-                              "loss": accelerator.reduce(output.loss.detach(), "mean").item(),
-                              "ssl_loss": accelerator.reduce(output.ssl_loss.detach(), "mean").item(),
-                              "lr": scheduler.get_last_lr()[0], "img_per_s": window_images / max(elapsed, 1e-9)}
-                    if output.mi_loss is not None:
-                        record["mi_loss"] = accelerator.reduce(output.mi_loss.detach(), "mean").item()
-                    if diagnose:
-                        record.update({k: accelerator.reduce(v.float(), "mean").item()
-                                       for k, v in output.diagnostics.items()})
-                    if probe_seen:
-                        record["online_probe_top1"] = 100.0 * probe_hits / probe_seen
-                    window_start, window_images, probe_hits, probe_seen = time.perf_counter(), 0, 0, 0
-                    accelerator.log(record, step=progress.step)
-                    if accelerator.is_main_process:
-                        metrics.append(record)
-                        bar.set_postfix(loss=f"{record['loss']:.3f}", img_s=f"{record['img_per_s']:.0f}")
-                epoch_end = progress.step % steps_per_epoch == 0
-                if epoch_end and train is not None and labeled and held_out is not None and held_out.labels is not None:
-                    if accelerator.is_main_process:
-                        top1 = knn_monitor(unwrapped.backbone, train, held_out, config, mean, std)
-                        record = {"step": progress.step, "epoch": progress.step // steps_per_epoch, "knn_top1": top1}
-                        accelerator.log(record, step=progress.step)
-                        metrics.append(record)
-                        bar.write(f"epoch {record['epoch']}: kNN top-1 {top1:.2f}%")
-                    accelerator.wait_for_everyone()
-                if epoch_end or progress.step % config.checkpoint_every == 0:
-                    save_checkpoint(accelerator, run_dir, progress.step, config.keep_checkpoints)
-                if progress.step >= total_steps:
+                    log_step(output, diagnose, progress, steps_per_epoch, scheduler, window, accelerator, metrics, bar)
+                end_of_step(progress, steps_per_epoch, config, accelerator, unwrapped, train, held_out, mean, std,
+                            metrics, bar, run_dir)
+                if progress.step >= progress.total_steps:
                     break
     except NonFiniteLossError as error:
         accelerator.end_training()
@@ -298,43 +398,158 @@ def main(argv: list[str] | None = None) -> int:
             print(f"train.py: error: {error}", file=sys.stderr)
         return 1
     bar.close()
-    wall_time = time.perf_counter() - started
     accelerator.wait_for_everyone()
     accelerator.end_training()
     if accelerator.is_main_process:
-        finish_run(config, unwrapped, run_dir, metrics, train, held_out, mean, std, wall_time)
+        finish_run(config, unwrapped, run_dir, metrics, train, held_out, mean, std, progress, evaluable)
     return 0
 
 
-def finish_run(config: TrainConfig, model: IBProjModel, run_dir: Path, metrics: MetricsLog, train: ImageData | None,
-               held_out: ImageData | None, mean: list[float], std: list[float], wall_time: float) -> None:
-    """Final model, plot, frozen-backbone evaluation next to a random-init backbone, exported backbone."""
+def build_optimizer(model: IBProjModel, probe: torch.nn.Module, config: TrainConfig, lr: float):
+    """One timm optimizer: the model's groups (no weight decay or LARS adaptation on biases and norms, PAPER.md
+    section 6) plus the online probe as its own group (no weight decay, so no LARS adaptation either; solo-learn's
+    layout). One optimizer means one fp16 grad-scaler update per step."""
+    groups = param_groups_weight_decay(model, config.weight_decay)
+    groups.append({"params": list(probe.parameters()), "lr": config.online_probe_lr, "weight_decay": 0.0})
+    extra = {"trust_coeff": config.lars_eta, "trust_clip": True} if config.optimizer == "lars" else {}
+    momentum = {"momentum": config.momentum} if config.optimizer != "adamw" else {}
+    return create_optimizer_v2(groups, config.optimizer, lr=lr, weight_decay=config.weight_decay, **momentum, **extra)
+
+
+def train_step(model, probe, optimizer, augment, images, labels, accelerator: Accelerator, config: TrainConfig,
+               progress: TrainingProgress, window: dict, run_dir: Path):
+    """One micro-step: augment, forward, SSL + MI loss, the online probe's loss, backward, optimizer step."""
+    views = augment(images)
+    with accelerator.accumulate(model, probe):
+        diagnose = (progress.step + 1) % config.diagnostics_every == 0 and accelerator.sync_gradients
+        output = model(views, return_diagnostics=diagnose)
+        loss = output.loss
+        if labels is not None:
+            # Online linear probe on DETACHED encoder features: no gradient reaches the encoder.
+            logits = probe(output.encoder_features.detach().float())
+            targets = labels.repeat(config.num_views)
+            loss = loss + F.cross_entropy(logits, targets)
+            window["probe_hits"] += (logits.argmax(1) == targets).sum().item()
+            window["probe_seen"] += targets.numel()
+        non_finite = (~torch.isfinite(output.loss)).float()
+        if accelerator.num_processes > 1:  # every process stops together, or DDP would hang
+            non_finite = accelerator.reduce(non_finite, "max")
+        if non_finite.item():
+            raise NonFiniteLossError(
+                f"non-finite loss ({output.loss.item()}) at step {progress.step}; stopping. The last good checkpoint "
+                f"is {latest_checkpoint(run_dir)} (a model folder: `hf-ibproj evaluate --model` reads it). Lower "
+                "--lr or --mi-weight in a new run, or resume the run."
+            )
+        accelerator.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return output, diagnose
+
+
+def log_step(output, diagnose: bool, progress: TrainingProgress, steps_per_epoch: int, scheduler, window: dict,
+             accelerator: Accelerator, metrics: MetricsLog, bar) -> None:
+    """Loss, learning rate, throughput, online-probe accuracy and (when computed) the section-5 diagnostics."""
+    elapsed = time.perf_counter() - window["start"]
+    record = {"step": progress.step, "epoch": progress.step / steps_per_epoch,
+              "loss": accelerator.reduce(output.loss.detach(), "mean").item(),
+              "ssl_loss": accelerator.reduce(output.ssl_loss.detach(), "mean").item(),
+              "lr": scheduler.get_last_lr()[0], "img_per_s": window["images"] / max(elapsed, 1e-9)}
+    if output.mi_loss is not None:
+        record["mi_loss"] = accelerator.reduce(output.mi_loss.detach(), "mean").item()
+    if diagnose:
+        record.update({k: accelerator.reduce(v.float(), "mean").item() for k, v in output.diagnostics.items()})
+    if window["probe_seen"]:
+        record["online_probe_top1"] = 100.0 * window["probe_hits"] / window["probe_seen"]
+    if progress.skipped_images:
+        record["skipped_images"] = progress.skipped_images
+    window.update(start=time.perf_counter(), images=0, probe_hits=0, probe_seen=0)
+    accelerator.log(record, step=progress.step)
+    if accelerator.is_main_process:
+        metrics.append(record)
+        bar.set_postfix(loss=f"{record['loss']:.3f}", img_s=f"{record['img_per_s']:.0f}")
+
+
+def end_of_step(progress: TrainingProgress, steps_per_epoch: int, config: TrainConfig, accelerator: Accelerator,
+                backbone_owner: IBProjModel, train, held_out, mean, std, metrics: MetricsLog, bar, run_dir: Path) -> None:
+    """At an epoch end the kNN monitor; at an epoch end or every `checkpoint_every` steps a checkpoint (and its push)."""
+    epoch_end = progress.step % steps_per_epoch == 0
+    if epoch_end and num_classes_of(train) and labels_of(held_out) is not None:
+        if accelerator.is_main_process:
+            top1 = knn_monitor(backbone_owner.backbone, train, held_out, config, mean, std)
+            record = {"step": progress.step, "epoch": progress.step // steps_per_epoch, "knn_top1": top1}
+            accelerator.log(record, step=progress.step)
+            metrics.append(record)
+            bar.write(f"epoch {record['epoch']}: kNN top-1 {top1:.2f}%")
+        accelerator.wait_for_everyone()
+    if epoch_end or progress.step % config.checkpoint_every == 0:
+        checkpoint = save_checkpoint(accelerator, run_dir, progress.step, config.keep_checkpoints,
+                                     model_config=backbone_owner.config)
+        if accelerator.is_main_process and config.push_to_hub and config.hub_strategy == "checkpoint":
+            try:
+                push_checkpoint(run_dir, checkpoint, config.push_to_hub, private=config.hub_private)
+            except PushError as error:  # never stops the run: the next checkpoint pushes again
+                bar.write(f"warning: {error} (retried at the next checkpoint)")
+                update_run_info(run_dir, push_failures=[*read_run_info(run_dir).get("push_failures", []),
+                                                        {"step": progress.step, "error": str(error)}])
+
+
+def read_run_info(run_dir: Path) -> dict:
+    path = run_dir / "run_info.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def update_run_info(run_dir: Path, **values) -> None:
+    write_json(run_dir / "run_info.json", {**read_run_info(run_dir), **values})
+
+
+def start_records(run_dir: Path, config: TrainConfig, resolved: dict, args, device, num_processes: int) -> None:
+    """config.yaml (written once: a resumed run keeps it) and run_info.json (seed, versions, hardware, commands);
+    prints a short summary (the full configuration is in config.yaml)."""
+    start = {"command": " ".join(sys.argv), "started": datetime.now().isoformat(timespec="seconds")}
+    if args.resume:
+        update_run_info(run_dir, resumes=[*read_run_info(run_dir).get("resumes", []), start])
+        print(f"run folder: {run_dir} (resumed with its stored configuration)")
+    else:
+        write_yaml(run_dir / RUN_CONFIG, resolved)
+        write_json(run_dir / "run_info.json", {"seed": config.seed, "versions": library_versions(),
+                                               "hardware": hardware_summary(device, num_processes), **start})
+        preset = TrainConfig(**read_preset(args.config)).to_dict()
+        changed = {k: v for k, v in config.to_dict().items() if v != preset[k] and k != "mixed_precision"}
+        print(f"run folder: {run_dir}\npreset {args.config}, changed: {changed or 'nothing'}")
+    derived = ("mixed_precision", "num_processes", "global_batch_size", "scaled_lr", "steps_per_epoch", "total_steps")
+    print("  " + ", ".join(f"{key}: {resolved[key]}" for key in derived) + f"\n  full configuration: {run_dir / RUN_CONFIG}")
+
+
+def finish_run(config: TrainConfig, model: IBProjModel, run_dir: Path, metrics: MetricsLog, train, held_out,
+               mean: list[float], std: list[float], progress: TrainingProgress, evaluable: bool) -> None:
+    """Final model, plot, frozen-backbone evaluation next to the random-init backbone, exported backbone, push."""
+    phases = {"training_end_s": round(time.time() - PROCESS_START, 1)}
     model.save_pretrained(run_dir / "model")
     plot_information_plane(metrics.read(), run_dir / "information_plane.png",
                            title=f"{config.objective} on {config.dataset}")
-    info_path = run_dir / "run_info.json"
-    info = json.loads(info_path.read_text())
-    info["wall_time_s"] = round(wall_time, 1)
-    write_json(info_path, info)
-    can_evaluate = (config.final_eval and train is not None and train.labels is not None and held_out is not None
-                    and held_out.labels is not None)
-    if can_evaluate:
-        torch.manual_seed(config.seed)
-        random_backbone = IBProjModel(model.config).backbone
-        results = {
-            "trained": evaluate_backbone(model.backbone, train, held_out, mean, std),
-            "random-init": evaluate_backbone(random_backbone, train, held_out, mean, std),
-        }
+    if evaluable:
+        trained = evaluate(model.backbone, train, held_out, mean, std, config, "trained")
+        random_init = json.loads((run_dir / "random_init_eval.json").read_text())
         write_json(run_dir / "final_eval.json", {
             "dataset": config.dataset, "train_split": config.train_split, "eval_split": config.eval_split,
-            "linear_top1": results["trained"]["linear_top1"], "knn_top1": results["trained"]["knn_top1"],
-            "trained": results["trained"], "random_init": results["random-init"],
+            "linear_top1": trained["linear_top1"], "knn_top1": trained["knn_top1"],
+            "trained": trained, "random_init": random_init,
         })
         print(f"\nFrozen-backbone evaluation on {config.dataset} ({config.eval_split} split):")
-        print(format_table(results))
-    if config.export_backbone:
+        print(format_table({"trained": trained, "random-init": random_init}))
+    phases["evaluation_end_s"] = round(time.time() - PROCESS_START, 1)
+    if config.export_backbone or config.push_to_hub:
         export_backbone(run_dir, run_dir / "backbone")
-    print(f"\nrun folder: {run_dir} (wall time {wall_time / 60:.1f} min)")
+    phases["export_end_s"] = round(time.time() - PROCESS_START, 1)
+    update_run_info(run_dir, wall_time_s=round(time.time() - PROCESS_START, 1), total_steps=progress.total_steps,
+                    skipped_images=progress.skipped_images, phases=phases)
+    if config.push_to_hub:
+        try:
+            print(f"pushed to {push_to_hub(run_dir, config.push_to_hub, private=config.hub_private)}")
+        except PushError as error:
+            print(f"train.py: warning: {error}; push later with `hf-ibproj push {run_dir} --repo-id "
+                  f"{config.push_to_hub}`", file=sys.stderr)
+    print(f"\nrun folder: {run_dir} (wall time {(time.time() - PROCESS_START) / 60:.1f} min)")
 
 
 if __name__ == "__main__":

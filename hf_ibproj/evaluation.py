@@ -17,6 +17,7 @@ is the command-line face of this module; train.py calls `evaluate_backbone` at i
 
 from __future__ import annotations
 
+import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -369,8 +370,10 @@ def evaluate_features(
     if not (torch.isfinite(train_features).all() and torch.isfinite(test_features).all()):
         raise ValueError("the backbone produced non-finite features (NaN or inf): its weights have diverged; "
                          "evaluate an earlier checkpoint or retrain with a lower learning rate.")
+    started = time.perf_counter()
     linear = linear_probe(train_features, train_labels, test_features, test_labels, num_classes, seed=seed,
                           progress=progress)
+    probed = time.perf_counter()
     knn = knn_accuracy(train_features, train_labels, test_features, test_labels, num_classes, knn_k, knn_temperature)
     return {
         **{f"linear_{name}": value for name, value in linear.items()},
@@ -379,6 +382,7 @@ def evaluate_features(
         "num_features": train_features.shape[1],
         "num_train": len(train_features),
         "num_test": len(test_features),
+        "seconds": {"linear_probe": round(probed - started, 2), "knn": round(time.perf_counter() - probed, 2)},
     }
 
 

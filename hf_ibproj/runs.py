@@ -96,9 +96,11 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def save_checkpoint(accelerator: Any, run_dir: Path, step: int, keep: int) -> Path:
+def save_checkpoint(accelerator: Any, run_dir: Path, step: int, keep: int, model_config: Any = None) -> Path:
     """`accelerator.save_state` into a temporary folder, renamed into place once complete; keeps the last `keep`.
 
+    With `model_config` (the model's PretrainedConfig) its config.json goes beside the model's model.safetensors,
+    so every checkpoint is also a model folder (`from_pretrained`, `hf-ibproj evaluate --model`, export).
     Every process must call this (accelerate saves per-process RNG states); only the main process renames.
     """
     folder = run_dir / "checkpoints"
@@ -111,6 +113,8 @@ def save_checkpoint(accelerator: Any, run_dir: Path, step: int, keep: int) -> Pa
     accelerator.save_state(str(temporary))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        if model_config is not None:
+            model_config.save_pretrained(temporary)
         if final.exists():
             shutil.rmtree(final)
         os.replace(temporary, final)

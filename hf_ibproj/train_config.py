@@ -1,22 +1,33 @@
-"""The training configuration of train.py: a YAML preset (`--config`) plus command-line overrides."""
+"""The training configuration of train.py: a YAML preset (`--config`) plus command-line overrides, or on `--resume`
+the run's own stored configuration.
+
+The flags come from the `TrainConfig` dataclass through transformers' `HfArgumentParser` (`--foo-bar` for field
+`foo_bar`, help and default shown, booleans as `--flag / --no-flag`). Two things it cannot do are added here: the
+defaults come from the preset (so `--help` shows the preset's values), and list/dict fields are YAML text (it has no
+dict type, and a list flag of `nargs="+"` cannot say "no hidden layers").
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import inspect
+import re
+import sys
 import typing
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
+from transformers import HfArgumentParser
 
 from .configuration_ibproj import IBProjConfig
+from .resources import CONFIG_DIR  # the presets, in the installed package or the source checkout
 from .runs import has_native_bf16
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_PRESET = CONFIG_DIR / "fashion_mnist_cpu.yaml"
+RUN_CONFIG = "config.yaml"
 
 # The IBProjConfig fields a run sets by flag or preset (the model is rebuilt from them); train.py fills in the
 # others (image statistics, interpolation, distributed gathering) itself.
@@ -25,18 +36,46 @@ MODEL_FIELDS = (
     "projector_batch_norm", "mi_weight", "mi_alpha", "quantize_levels", "sparse_latent_dim", "sparse_topk",
     "nt_xent_tau", "barlow_lambda", "barlow_scale", "image_size",
 )
+# Settings `--resume` may change: they change what is logged or kept, never the trained weights.
+RESUMABLE_FIELDS = ("output_dir", "tracker", "num_workers", "log_every", "keep_checkpoints", "push_to_hub",
+                    "hub_strategy", "hub_private")
+# How long a run trains: the first one set wins (max_steps, then epochs, then time_budget; PAPER's 200 epochs if none).
+LENGTH_FIELDS = ("max_steps", "epochs", "time_budget")
+DEFAULT_EPOCHS = 200
+
+
+def _docstring_help(cls: type) -> dict[str, str]:
+    """`name: text` entries of a Google-style `Args:` section (IBProjConfig's), as one line each."""
+    args = (inspect.getdoc(cls) or "").split("Args:", 1)[-1]
+    entries = re.findall(r"^    (\w+(?:, \w+)*): (.*?)(?=^    \w|\Z)", args, flags=re.M | re.S)
+    return {name: " ".join(text.split()) for names, text in entries for name in names.split(", ")}
+
+
+def _as_flag_type(annotation: Any) -> Any:
+    """list/dict fields become YAML text for the parser (`X | str | None`, parsed in TrainConfig.__post_init__)."""
+    members = [t for t in typing.get_args(annotation) if t is not type(None)]
+    if members and typing.get_origin(members[0]) in (list, dict):
+        return typing.Optional[typing.Union[members[0], str]]  # HfArgumentParser takes str from (X, str, None)
+    return annotation
 
 
 def _model_settings() -> type:
-    """A dataclass of MODEL_FIELDS with IBProjConfig's own types and defaults, so the two cannot drift apart."""
+    """A dataclass of MODEL_FIELDS with IBProjConfig's own types, defaults and docs, so the two cannot drift apart."""
     types = inspect.get_annotations(IBProjConfig, eval_str=True)  # its own fields, not PreTrainedConfig's
     defaults = {field.name: field.default for field in dataclasses.fields(IBProjConfig)}
-    fields = [(name, types[name], dataclasses.field(default=defaults[name])) for name in MODEL_FIELDS]
+    helps = _docstring_help(IBProjConfig)
+    fields = [(name, _as_flag_type(types[name]), dataclasses.field(default=defaults[name],
+                                                                   metadata={"help": helps[name]}))
+              for name in MODEL_FIELDS]
     namespace = {"__module__": __name__, "__doc__": "The IBProjConfig settings of a pretraining run (MODEL_FIELDS)."}
     return dataclasses.make_dataclass("ModelSettings", fields, namespace=namespace)
 
 
 ModelSettings = _model_settings()
+
+
+def _arg(default: Any, help: str) -> Any:
+    return dataclasses.field(default=default, metadata={"help": help})
 
 
 @dataclasses.dataclass
@@ -48,57 +87,79 @@ class TrainConfig(ModelSettings):
     """
 
     # data
-    dataset: str = "fashion_mnist"  # a Hub id, an image folder, a save_to_disk folder or a built-in name
-    train_split: str = "train"
-    eval_split: str | None = "test"  # held-out split for the kNN monitor and the final evaluation
-    image_column: str | None = None
-    label_column: str | None = None
-    channels: int = 3
-    max_samples: int | None = None  # cap on the training split
-    eval_max_samples: int | None = None  # cap on the held-out split
-    streaming: bool = False  # decode per sample in DataLoader workers (datasets that do not fit in memory)
-    num_workers: int = 2
-    augmentation: str | None = None  # "simclr" or "barlow_twins"; None follows the objective
+    dataset: str = _arg("fashion_mnist", "a Hub dataset id, an image folder, a save_to_disk folder or fashion_mnist")
+    train_split: str = _arg("train", "the split to pretrain on")
+    eval_split: str | None = _arg("test", "held-out split of the kNN monitor and the final evaluation (none: off)")
+    image_column: str | None = _arg(None, "image column (default: detected)")
+    label_column: str | None = _arg(None, "label column (default: detected; the labels feed the monitors only)")
+    channels: int = _arg(3, "1 (grayscale) or 3 (RGB): images are converted to it")
+    max_samples: int | None = _arg(None, "pretrain on a seeded, class-stratified subset of this many images")
+    eval_max_samples: int | None = _arg(None, "cap the held-out split (seeded, class-stratified)")
+    final_eval_train_samples: int | None = _arg(
+        None, "training images of the final linear probe / kNN (stratified; default: all, 20000 when streaming)")
+    streaming: bool = _arg(False, "decode per sample in DataLoader workers (datasets that do not fit in memory)")
+    num_workers: int = _arg(2, "DataLoader workers per process (streaming)")
+    augmentation: str | None = _arg(None, "augmentation recipe, simclr or barlow_twins (default: the objective's)")
     # optimization
-    epochs: int = 200
-    batch_size: int = 256  # per process and per micro-step; global = batch_size * processes * accumulation
-    gradient_accumulation_steps: int = 1
-    optimizer: str = "lars"  # "lars", "sgd" or "adamw"
-    lr: float = 0.4  # for a global batch of 256, scaled linearly by global_batch / 256
-    weight_decay: float = 1e-4
-    momentum: float = 0.9
-    lars_eta: float = 0.02
-    warmup_epochs: float = 10.0
-    mixed_precision: str = "auto"  # "auto" (bf16 where the hardware computes it natively, else "no"), "no", "bf16", "fp16"
-    channels_last: bool = True
-    seed: int = 0
+    max_steps: int | None = _arg(None, "optimizer steps to train (wins over --epochs and --time-budget)")
+    epochs: int | None = _arg(None, f"epochs to train (wins over --time-budget; {DEFAULT_EPOCHS} when no length "
+                                    "is set)")
+    time_budget: float | None = _arg(
+        None, "minutes for the whole run, training and final evaluation: the step count is fixed from the measured "
+              "step time after a few steps")
+    batch_size: int = _arg(256, "per process and micro-step; global = batch_size x processes x accumulation")
+    gradient_accumulation_steps: int = _arg(1, "micro-steps per optimizer step")
+    optimizer: str = _arg("lars", "lars, sgd or adamw (timm's implementations)")
+    lr: float = _arg(0.4, "learning rate for a global batch of 256, scaled linearly by global_batch / 256")
+    weight_decay: float = _arg(1e-4, "weight decay (not on biases and norm parameters)")
+    momentum: float = _arg(0.9, "momentum (lars, sgd)")
+    lars_eta: float = _arg(0.02, "LARS trust coefficient (with clipping)")
+    warmup_epochs: float = _arg(10.0, "linear warm-up length in epochs, then cosine decay")
+    mixed_precision: str = _arg("auto", "auto (bf16 where the hardware computes it natively, else no), no, bf16, fp16")
+    channels_last: bool = _arg(True, "channels_last memory format")
+    seed: int = _arg(0, "seed of the weights, the data order and the augmentations")
     # monitoring
-    log_every: int = 50
-    diagnostics_every: int = 50
-    online_probe_lr: float = 1e-3
-    knn_train_samples: int = 10000  # memory bank of the per-epoch kNN monitor
-    knn_eval_samples: int = 2000
-    tracker: str = "tensorboard"
+    log_every: int = _arg(50, "log loss, learning rate and throughput every N steps")
+    diagnostics_every: int = _arg(50, "log the information-plane quantities (PAPER.md section 5) every N steps")
+    online_probe_lr: float = _arg(0.1, "learning rate of the online linear probe on detached encoder features "
+                                       "(a parameter group without weight decay or LARS adaptation)")
+    knn_train_samples: int = _arg(10000, "memory bank of the per-epoch kNN monitor (stratified)")
+    knn_eval_samples: int = _arg(2000, "held-out queries of the per-epoch kNN monitor (stratified)")
+    tracker: str = _arg("tensorboard", "accelerate tracker (tensorboard, wandb, ...) or none")
     # checkpoints and outputs
-    checkpoint_every: int = 500  # steps; a checkpoint is also written at every epoch end
-    keep_checkpoints: int = 2
-    output_dir: str | None = None
-    final_eval: bool = True
-    export_backbone: bool = True
+    checkpoint_every: int = _arg(500, "checkpoint every N steps; one is also written at every epoch end")
+    keep_checkpoints: int = _arg(2, "checkpoints kept (the newest)")
+    output_dir: str | None = _arg(None, "the run folder (default: runs/OBJECTIVE-TIMESTAMP)")
+    final_eval: bool = _arg(True, "linear probe and kNN of the trained and a random-init backbone at the end")
+    export_backbone: bool = _arg(True, "export the backbone as a timm / transformers Hub folder at the end")
+    push_to_hub: str | None = _arg(None, "Hub repo id to push the exported backbone and its card to")
+    hub_strategy: str = _arg("end", "end: push when the run ends; checkpoint: also push every checkpoint "
+                                    "(resumable from the Hub)")
+    hub_private: bool = _arg(False, "create the Hub repo as private")
 
     def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, str) and _allows(field.name, (list, dict)):
+                setattr(self, field.name, _parse_yaml_flag(field.name, value))
         if self.mixed_precision is False:  # YAML reads a bare `no` as false
             self.mixed_precision = "no"
         _choice("optimizer", self.optimizer, ("lars", "sgd", "adamw"))
         _choice("mixed_precision", self.mixed_precision, ("auto", "no", "bf16", "fp16"))
+        _choice("hub_strategy", self.hub_strategy, ("end", "checkpoint"))
         if self.augmentation is not None:
             _choice("augmentation", self.augmentation, ("simclr", "barlow_twins"))
-        for name in ("epochs", "batch_size", "gradient_accumulation_steps", "image_size", "log_every",
-                     "diagnostics_every", "keep_checkpoints"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)!r} is invalid; it must be a positive integer.")
-        if self.lr <= 0:
-            raise ValueError(f"lr={self.lr!r} is invalid; it must be > 0.")
+        for name in ("batch_size", "gradient_accumulation_steps", "image_size", "log_every", "diagnostics_every",
+                     "keep_checkpoints", "checkpoint_every", "max_steps", "epochs"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name}={value!r} is invalid; it must be a positive integer.")
+        for name in ("lr", "time_budget", "online_probe_lr"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"{name}={value!r} is invalid; it must be > 0.")
+        if self.push_to_hub is not None and "/" not in self.push_to_hub:
+            raise ValueError(f"push_to_hub={self.push_to_hub!r} is invalid; it must be a repo id 'username/name'.")
         self.model_config()  # the model settings fail here, before any data is loaded
 
     def model_config(self) -> IBProjConfig:
@@ -116,6 +177,14 @@ class TrainConfig(ModelSettings):
     def augmentation_preset(self) -> str:
         return self.augmentation or self.objective
 
+    @property
+    def length(self) -> tuple[str, float]:
+        """How long to train: ("max_steps" | "epochs" | "time_budget", value), the first one set (see LENGTH_FIELDS)."""
+        for name in LENGTH_FIELDS:
+            if getattr(self, name) is not None:
+                return name, getattr(self, name)
+        return "epochs", DEFAULT_EPOCHS
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -125,26 +194,25 @@ def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
         raise ValueError(f"{name}={value!r} is invalid; allowed values: {', '.join(allowed)}.")
 
 
-def _field_types() -> dict[str, Any]:
-    return typing.get_type_hints(TrainConfig)
+def _flag(name: str) -> str:
+    return f"--{name.replace('_', '-')}"
 
 
-def _parse_value(name: str, text: str) -> Any:
-    """Command-line text to the field's type (YAML for lists, dicts and null)."""
-    field_type = _field_types()[name]
-    if text.strip().lower() in ("null", "none", "~"):
-        return None
-    base = [t for t in typing.get_args(field_type) if t is not type(None)] or [field_type]
-    target = typing.get_origin(base[0]) or base[0]
-    if target is str:
-        return text
-    value = yaml.safe_load(text)
-    if target is float:
-        return float(text)
-    if target is bool and isinstance(value, str):
-        raise ValueError(f"--{name.replace('_', '-')} expects true or false, got {text!r}.")
-    if target is int and not isinstance(value, int):
-        raise ValueError(f"--{name.replace('_', '-')} expects an integer, got {text!r}.")
+def _allows(name: str, kinds: tuple[type, ...]) -> bool:
+    """Whether TrainConfig's field `name` may hold a value of one of `kinds` (list, dict, NoneType, ...)."""
+    annotation = typing.get_type_hints(TrainConfig)[name]
+    members = typing.get_args(annotation) or (annotation,)
+    return any((typing.get_origin(t) or t) in kinds for t in members)
+
+
+def _parse_yaml_flag(name: str, text: str) -> Any:
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ValueError(f"{_flag(name)} expects YAML (e.g. [2048, 2048] or {{channels: [32, 64, 128, 256]}}), "
+                         f"got {text!r}: {error}") from None
+    if value is not None and not _allows(name, (type(value),)):
+        raise ValueError(f"{_flag(name)} expects a {typing.get_type_hints(TrainConfig)[name]}, got {text!r}.")
     return value
 
 
@@ -164,24 +232,93 @@ def read_preset(path: str | Path) -> dict[str, Any]:
     return values
 
 
-def build_arg_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description="Pretrain an encoder with a bottleneck projector (PAPER.md). "
-        "Settings come from --config, then the flags below override them.",
-    )
-    parser.add_argument("--config", default=str(DEFAULT_PRESET), help="YAML preset (default: %(default)s)")
-    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
-    for field in dataclasses.fields(TrainConfig):
-        parser.add_argument(f"--{field.name.replace('_', '-')}", dest=field.name, default=None, metavar="VALUE")
+def read_run_config(run_dir: str | Path) -> dict[str, Any]:
+    """The TrainConfig fields stored in RUN/config.yaml (the run's resolved configuration)."""
+    path = Path(run_dir) / RUN_CONFIG
+    if not path.is_file():
+        raise FileNotFoundError(f"--resume: {path} does not exist, so the run's configuration is unknown; "
+                                "check --output-dir (it must be the folder of the run to continue).")
+    stored = yaml.safe_load(path.read_text()) or {}
+    return {f.name: stored[f.name] for f in dataclasses.fields(TrainConfig) if f.name in stored}
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def build_arg_parser(defaults: dict[str, Any] | None = None) -> HfArgumentParser:
+    """Every TrainConfig field as a flag (defaults: `defaults`, e.g. a preset), plus --config and --resume."""
+    parser = HfArgumentParser(TrainConfig, formatter_class=_HelpFormatter, description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default=str(DEFAULT_PRESET), help="YAML preset of the settings")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --output-dir from its latest checkpoint, with its stored settings")
+    for field in dataclasses.fields(TrainConfig):  # HfArgumentParser adds --no-X only where the default is True
+        if _allows(field.name, (bool,)) and f"--no-{field.name.replace('_', '-')}" not in parser._option_string_actions:
+            parser.add_argument(f"--no-{field.name.replace('_', '-')}", dest=field.name, action="store_false",
+                                help=f"turn --{field.name.replace('_', '-')} off")
+    if defaults:
+        parser.set_defaults(**{name: _as_flag_default(value) for name, value in defaults.items()})
     return parser
 
 
+def _as_flag_default(value: Any) -> Any:
+    """A preset value as the parser's default: lists and dicts as the YAML text the flag takes."""
+    return yaml.safe_dump(value, default_flow_style=True).strip() if isinstance(value, (list, dict)) else value
+
+
+def explicit_flags(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
+    """The destinations of the flags that `argv` gives (`--x V`, `--x=V`, `--no-x`)."""
+    given = set()
+    for token in argv:
+        action = parser._option_string_actions.get(token.split("=", 1)[0]) if token.startswith("--") else None
+        if action is not None:
+            given.add(action.dest)
+    return given
+
+
+def early_arguments(argv: list[str] | None = None) -> argparse.Namespace:
+    """The flags that decide where the settings come from: --config, --resume, --output-dir, --push-to-hub."""
+    early = argparse.ArgumentParser(add_help=False)
+    early.add_argument("--config", default=str(DEFAULT_PRESET))
+    early.add_argument("--resume", action="store_true")
+    for name in ("output_dir", "push_to_hub"):
+        early.add_argument(_flag(name), f"--{name}", dest=name)
+    return early.parse_known_args(list(argv) if argv is not None else sys.argv[1:])[0]
+
+
 def parse_train_config(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Namespace]:
-    """Preset values, then command-line overrides, validated as one TrainConfig."""
-    args = build_arg_parser().parse_args(argv)
-    values = read_preset(args.config)
-    for field in dataclasses.fields(TrainConfig):
-        text = getattr(args, field.name)
-        if text is not None:
-            values[field.name] = _parse_value(field.name, text)
+    """Preset values, then command-line overrides, validated as one TrainConfig; on --resume, the run's own values."""
+    argv = list(argv) if argv is not None else sys.argv[1:]
+    known = early_arguments(argv)
+    if known.resume:
+        if known.output_dir is None:
+            raise ValueError("--resume needs --output-dir, the folder of the run to continue.")
+        defaults = read_run_config(known.output_dir)
+    else:
+        defaults = read_preset(known.config)
+    parser = build_arg_parser(defaults)
+    given = explicit_flags(parser, argv)
+    args = parser.parse_args(argv)
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+    for name, value in values.items():  # "none" / "null" on the command line clears an optional setting
+        if name in given and isinstance(value, str) and value.lower() in ("none", "null") and _allows(name, (type(None),)):
+            values[name] = None
+    if known.resume:
+        _refuse_changes_on_resume(TrainConfig(**values), TrainConfig(**defaults), given)
+    elif given & set(LENGTH_FIELDS):  # a length on the command line replaces the preset's length
+        values.update({name: None for name in set(LENGTH_FIELDS) - given})
     return TrainConfig(**values), args
+
+
+def _refuse_changes_on_resume(requested: TrainConfig, stored: TrainConfig, given: set[str]) -> None:
+    if "config" in given:
+        raise ValueError("--resume continues a run with its own stored configuration; drop --config.")
+    changed = [name for name in sorted(given - set(RESUMABLE_FIELDS) - {"resume"})
+               if getattr(requested, name) != getattr(stored, name)]
+    if changed:
+        details = ", ".join(f"{_flag(n)} ({getattr(stored, n)!r} -> {getattr(requested, n)!r})" for n in changed)
+        raise ValueError(
+            f"--resume continues the run as it was configured, but {details} would change the model, the data or "
+            f"the schedule. Drop the flag(s), or start a new run with another --output-dir. Flags allowed on resume: "
+            f"{', '.join(_flag(n) for n in RESUMABLE_FIELDS)}."
+        )
