@@ -34,6 +34,7 @@ from transformers import get_cosine_schedule_with_warmup  # noqa: E402
 from hf_ibproj import IBProjModel  # noqa: E402
 from hf_ibproj.augmentation import TwoViewAugmentation  # noqa: E402
 from hf_ibproj.data import ImageData, StreamingImageDataset, load_image_data, stratified_indices  # noqa: E402
+from hf_ibproj.diagnostics import label_free_diagnostics  # noqa: E402
 from hf_ibproj.evaluation import (  # noqa: E402
     evaluate_features,
     extract_dataset_features,
@@ -67,6 +68,7 @@ MEASURE_SKIP, MEASURE_STEPS = 3, 12
 BUDGET_TARGET, FINAL_EVAL_MARGIN, FINAL_SAVE_SECONDS = 0.98, 1.15, 5.0
 STREAMING_EVAL_TRAIN_SAMPLES = 20000  # final_eval_train_samples when streaming and unset
 STATISTICS_SAMPLES = 10000  # images behind the channel mean / std
+DIAGNOSTIC_SAMPLES = 1000  # the fixed held-out images of the label-free diagnostics (issue 15)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -159,6 +161,25 @@ def features_of(backbone: torch.nn.Module, split, indices: torch.Tensor, mean: l
         return extract_features(backbone, split.images[indices], mean, std, progress=progress), labels
     return extract_dataset_features(backbone, split, indices.tolist(), mean, std, num_workers=config.num_workers,
                                     progress=progress)
+
+
+def images_of(split, indices: torch.Tensor, config: TrainConfig) -> torch.Tensor:
+    """The uint8 images of the rows `indices` (decoded by DataLoader workers for a per-sample dataset)."""
+    if isinstance(split, ImageData):
+        return split.images[indices]
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(split, indices.tolist()), batch_size=256,
+                                         num_workers=config.num_workers)
+    return torch.cat([images for images, *_ in loader])
+
+
+def held_out_diagnostics(model: IBProjModel, images: torch.Tensor | None, augment, mean, std,
+                         config: TrainConfig) -> dict[str, float]:
+    """Label-free diagnostics (RankMe, alignment, uniformity, I(Z1;Z2), H(Z1), the bounds) on the fixed held-out
+    images, with the run's batch size and augmentation (hf_ibproj.diagnostics); {} without a held-out split."""
+    if images is None or len(images) < 2:
+        return {}
+    return label_free_diagnostics(model, images, mean, std, augment=augment, batch_size=config.batch_size,
+                                  seed=config.seed)
 
 
 def channel_statistics(train, config: TrainConfig) -> tuple[list[float], list[float]]:
@@ -259,10 +280,11 @@ def fix_budget(progress: TrainingProgress, config: TrainConfig, step_seconds: fl
     final_seconds, knn_seconds = FINAL_SAVE_SECONDS, 0.0
     if random_init is not None:
         seconds = random_init["seconds"]
-        final_seconds += FINAL_EVAL_MARGIN * sum(seconds.values())
+        final_seconds += FINAL_EVAL_MARGIN * sum(seconds.values())  # the trained backbone's evaluation, likewise
         monitored = min(config.knn_train_samples, random_init["num_train"]) + min(config.knn_eval_samples,
                                                                                   random_init["num_test"])
         knn_seconds = seconds["feature_extraction"] * monitored / (random_init["num_train"] + random_init["num_test"])
+        knn_seconds += seconds.get("label_free", 0.0)  # the held-out diagnostics run beside every kNN monitor
     elapsed = time.time() - PROCESS_START
     available = config.time_budget * 60 * BUDGET_TARGET - elapsed - final_seconds
     steps = 0
@@ -353,8 +375,14 @@ def main(argv: list[str] | None = None) -> int:
     # The random-init floor is the run's own initial backbone (same seed); evaluated first, its time sizes the
     # final evaluation's share of a time budget.
     random_init_file = run_dir / "random_init_eval.json"
+    diagnostic_images = (images_of(held_out, subset(held_out, DIAGNOSTIC_SAMPLES, config.seed), config)
+                         if held_out is not None and accelerator.is_main_process else None)
     if evaluable and accelerator.is_main_process and not random_init_file.is_file():
-        write_json(random_init_file, evaluate(unwrapped.backbone, train, held_out, mean, std, config, "random-init"))
+        result = evaluate(unwrapped.backbone, train, held_out, mean, std, config, "random-init")
+        started = time.perf_counter()
+        result["label_free"] = held_out_diagnostics(unwrapped, diagnostic_images, augment, mean, std, config)
+        result["seconds"]["label_free"] = round(time.perf_counter() - started, 2)
+        write_json(random_init_file, result)
     accelerator.wait_for_everyone()
     random_init = json.loads(random_init_file.read_text()) if random_init_file.is_file() else None
 
@@ -389,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
                 if progress.step % config.log_every == 0 or diagnose:
                     log_step(output, diagnose, progress, steps_per_epoch, scheduler, window, accelerator, metrics, bar)
                 end_of_step(progress, steps_per_epoch, config, accelerator, unwrapped, train, held_out, mean, std,
-                            metrics, bar, run_dir)
+                            metrics, bar, run_dir, diagnostic_images, augment)
                 if progress.step >= progress.total_steps:
                     break
     except NonFiniteLossError as error:
@@ -401,7 +429,8 @@ def main(argv: list[str] | None = None) -> int:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     if accelerator.is_main_process:
-        finish_run(config, unwrapped, run_dir, metrics, train, held_out, mean, std, progress, evaluable)
+        finish_run(config, unwrapped, run_dir, metrics, train, held_out, mean, std, progress, evaluable,
+                   diagnostic_images, augment)
     return 0
 
 
@@ -470,20 +499,25 @@ def log_step(output, diagnose: bool, progress: TrainingProgress, steps_per_epoch
 
 
 def end_of_step(progress: TrainingProgress, steps_per_epoch: int, config: TrainConfig, accelerator: Accelerator,
-                backbone_owner: IBProjModel, train, held_out, mean, std, metrics: MetricsLog, bar, run_dir: Path) -> None:
-    """At an epoch end the kNN monitor; at an epoch end or every `checkpoint_every` steps a checkpoint (and its push)."""
+                model: IBProjModel, train, held_out, mean, std, metrics: MetricsLog, bar, run_dir: Path,
+                diagnostic_images: torch.Tensor | None, augment) -> None:
+    """At an epoch end the kNN monitor and the held-out label-free diagnostics; at an epoch end or every
+    `checkpoint_every` steps a checkpoint (and its push)."""
     epoch_end = progress.step % steps_per_epoch == 0
-    if epoch_end and num_classes_of(train) and labels_of(held_out) is not None:
+    if epoch_end and held_out is not None:
         if accelerator.is_main_process:
-            top1 = knn_monitor(backbone_owner.backbone, train, held_out, config, mean, std)
-            record = {"step": progress.step, "epoch": progress.step // steps_per_epoch, "knn_top1": top1}
+            record = {"step": progress.step, "epoch": progress.step // steps_per_epoch}
+            if num_classes_of(train) and labels_of(held_out) is not None:
+                record["knn_top1"] = knn_monitor(model.backbone, train, held_out, config, mean, std)
+                bar.write(f"epoch {record['epoch']}: kNN top-1 {record['knn_top1']:.2f}%")
+            diagnostics = held_out_diagnostics(model, diagnostic_images, augment, mean, std, config)
+            record.update({f"heldout/{key}": value for key, value in diagnostics.items()})
             accelerator.log(record, step=progress.step)
             metrics.append(record)
-            bar.write(f"epoch {record['epoch']}: kNN top-1 {top1:.2f}%")
         accelerator.wait_for_everyone()
     if epoch_end or progress.step % config.checkpoint_every == 0:
         checkpoint = save_checkpoint(accelerator, run_dir, progress.step, config.keep_checkpoints,
-                                     model_config=backbone_owner.config)
+                                     model_config=model.config)
         if accelerator.is_main_process and config.push_to_hub and config.hub_strategy == "checkpoint":
             try:
                 push_checkpoint(run_dir, checkpoint, config.push_to_hub, private=config.hub_private)
@@ -521,7 +555,8 @@ def start_records(run_dir: Path, config: TrainConfig, resolved: dict, args, devi
 
 
 def finish_run(config: TrainConfig, model: IBProjModel, run_dir: Path, metrics: MetricsLog, train, held_out,
-               mean: list[float], std: list[float], progress: TrainingProgress, evaluable: bool) -> None:
+               mean: list[float], std: list[float], progress: TrainingProgress, evaluable: bool,
+               diagnostic_images: torch.Tensor | None, augment) -> None:
     """Final model, plot, frozen-backbone evaluation next to the random-init backbone, exported backbone, push."""
     phases = {"training_end_s": round(time.time() - PROCESS_START, 1)}
     model.save_pretrained(run_dir / "model")
@@ -529,6 +564,7 @@ def finish_run(config: TrainConfig, model: IBProjModel, run_dir: Path, metrics: 
                            title=f"{config.objective} on {config.dataset}")
     if evaluable:
         trained = evaluate(model.backbone, train, held_out, mean, std, config, "trained")
+        trained["label_free"] = held_out_diagnostics(model, diagnostic_images, augment, mean, std, config)
         random_init = json.loads((run_dir / "random_init_eval.json").read_text())
         write_json(run_dir / "final_eval.json", {
             "dataset": config.dataset, "train_split": config.train_split, "eval_split": config.eval_split,

@@ -18,6 +18,7 @@ import yaml
 from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/hub_server.py
 TINY = [
     "--channels", "1", "--image-size", "16", "--backbone-kwargs", "{channels: [8, 16, 32, 64]}",
     "--projector-hidden-dims", "[32]", "--projector-out-dim", "16", "--batch-size", "16", "--lr", "0.1",
@@ -240,6 +241,87 @@ def test_time_budget_run_records_its_plan_and_resume_keeps_it(tiny_dataset, tmp_
     checkpoints = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert checkpoints[-1] == f"step_{plan['total_steps']:08d}"
     assert json.loads((out / "final_eval.json").read_text())["random_init"]["num_test"] == 64
+
+
+def _class_sorted_image_folder(root: Path) -> dict[str, list[Path]]:
+    """root/{train,test}/{dark,middle,bright}/*.png, 16 px gray images, a few 8 px ones, and corrupt files."""
+    from PIL import Image as PILImage
+
+    rng = np.random.default_rng(0)
+    corrupt = {}
+    for split, per_class in (("train", 16), ("test", 8)):
+        corrupt[split] = []
+        for label, level in enumerate((40, 128, 215)):
+            folder = root / split / ("dark", "middle", "bright")[label]
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                path = folder / f"{i:02d}.png"
+                if split == "train" and label < 2 and i == 5:  # two corrupt rows, far apart
+                    path.write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
+                    corrupt[split].append(path)
+                    continue
+                size = 8 if i % 4 == 3 else 16  # smaller than --image-size: resized up
+                pixels = np.clip(rng.normal(level, 20, (size, size)), 0, 255).astype(np.uint8)
+                PILImage.fromarray(pixels, mode="L").save(path)
+    return corrupt
+
+
+def test_streaming_run_is_monitored_evaluated_and_survives_bad_images(tmp_path):
+    data = tmp_path / "folder"
+    corrupt = _class_sorted_image_folder(data)
+    out = tmp_path / "stream"
+    run_train(["--dataset", str(data), "--streaming", "--epochs", "2", "--output-dir", str(out), "--tracker", "none",
+               *TINY, "--num-workers", "0"])
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    monitored = [r for r in records if "knn_top1" in r]
+    assert [r["epoch"] for r in monitored] == [1, 2] and all("heldout/rankme" in r for r in monitored)
+    # 48 training rows, 16 per step: every epoch draws each of the two corrupt rows once, each replaced and counted
+    info = json.loads((out / "run_info.json").read_text())
+    assert len(corrupt["train"]) == 2 and info["skipped_images"] == 2 * 2
+    final = json.loads((out / "final_eval.json").read_text())
+    assert final["trained"]["num_train"] == 48 and final["trained"]["num_test"] == 24
+    assert final["random_init"]["num_classes"] == 3 and 0 <= final["linear_top1"] <= 100
+    assert {"rankme", "alignment", "uniformity", "I(Z1;Z2)", "lower_bound"} <= set(final["trained"]["label_free"])
+    card = (out / "backbone" / "README.md").read_text()
+    assert f"{final['linear_top1']:.2f}%" in card and f"{final['knn_top1']:.2f}%" in card
+
+
+def test_push_to_hub_from_the_run_and_resume_on_another_machine(tiny_dataset, tmp_path):
+    from hub_server import FakeHub
+
+    with FakeHub() as hub:
+        env = {"HF_ENDPOINT": hub.endpoint, "HF_TOKEN": "hf_test_token_123", "HF_HUB_DISABLE_XET": "1",
+               "HF_HUB_DISABLE_TELEMETRY": "1"}
+        args = ["--dataset", str(tiny_dataset), "--epochs", "2", "--checkpoint-every", "4", "--tracker", "none",
+                "--no-final-eval", *TINY, "--push-to-hub", "me/tiny-run", "--hub-strategy", "checkpoint"]
+        first = tmp_path / "machine-a"
+        process = subprocess.Popen([sys.executable, str(REPO / "train.py"), *args, "--output-dir", str(first)],
+                                   cwd=REPO, env={**os.environ, **env}, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL)
+        deadline = time.time() + 180
+        while "last_checkpoint.json" not in _repo_files(hub) and time.time() < deadline:
+            time.sleep(0.05)
+        process.send_signal(signal.SIGKILL)  # machine A dies after its first pushed checkpoint
+        process.wait()
+        pushed = json.loads(_repo_files(hub)["last_checkpoint.json"])
+        assert pushed["step"] < 16 and not (first / "model").exists()
+
+        second = tmp_path / "machine-b"  # nothing local: the records and the last checkpoint come from the Hub
+        result = run_train(["--output-dir", str(second), "--resume", "--push-to-hub", "me/tiny-run"], env=env)
+        assert "downloaded" in result.stdout
+        assert (second / "config.yaml").read_bytes() == (first / "config.yaml").read_bytes()
+        assert json.loads((second / "run_info.json").read_text())["resumes"]
+        files = _repo_files(hub)
+    assert "model.safetensors" in files and "README.md" in files  # the exported backbone pushed at the end
+    assert json.loads(files["last_checkpoint.json"])["step"] == 16
+    assert b"hf_test_token_123" not in b"".join(files.values())
+
+
+def _repo_files(hub) -> dict[str, bytes]:
+    try:
+        return hub.files("me/tiny-run")
+    except KeyError:  # not created yet
+        return {}
 
 
 @pytest.fixture(scope="module")
