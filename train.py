@@ -501,8 +501,8 @@ def log_step(output, diagnose: bool, progress: TrainingProgress, steps_per_epoch
 def end_of_step(progress: TrainingProgress, steps_per_epoch: int, config: TrainConfig, accelerator: Accelerator,
                 model: IBProjModel, train, held_out, mean, std, metrics: MetricsLog, bar, run_dir: Path,
                 diagnostic_images: torch.Tensor | None, augment) -> None:
-    """At an epoch end the kNN monitor and the held-out label-free diagnostics; at an epoch end or every
-    `checkpoint_every` steps a checkpoint (and its push)."""
+    """At an epoch end the kNN monitor and the held-out label-free diagnostics; at an epoch end, every
+    `checkpoint_every` steps and at the last step a checkpoint (and its push)."""
     epoch_end = progress.step % steps_per_epoch == 0
     if epoch_end and held_out is not None:
         if accelerator.is_main_process:
@@ -515,7 +515,7 @@ def end_of_step(progress: TrainingProgress, steps_per_epoch: int, config: TrainC
             accelerator.log(record, step=progress.step)
             metrics.append(record)
         accelerator.wait_for_everyone()
-    if epoch_end or progress.step % config.checkpoint_every == 0:
+    if epoch_end or progress.step % config.checkpoint_every == 0 or progress.step >= progress.total_steps:
         checkpoint = save_checkpoint(accelerator, run_dir, progress.step, config.keep_checkpoints,
                                      model_config=model.config)
         if accelerator.is_main_process and config.push_to_hub and config.hub_strategy == "checkpoint":
@@ -574,11 +574,12 @@ def finish_run(config: TrainConfig, model: IBProjModel, run_dir: Path, metrics: 
         print(f"\nFrozen-backbone evaluation on {config.dataset} ({config.eval_split} split):")
         print(format_table({"trained": trained, "random-init": random_init}))
     phases["evaluation_end_s"] = round(time.time() - PROCESS_START, 1)
+    update_run_info(run_dir, wall_time_s=phases["evaluation_end_s"], total_steps=progress.total_steps,
+                    skipped_images=progress.skipped_images, phases=phases)  # before the export: the card shows it
     if config.export_backbone or config.push_to_hub:
         export_backbone(run_dir, run_dir / "backbone")
     phases["export_end_s"] = round(time.time() - PROCESS_START, 1)
-    update_run_info(run_dir, wall_time_s=round(time.time() - PROCESS_START, 1), total_steps=progress.total_steps,
-                    skipped_images=progress.skipped_images, phases=phases)
+    update_run_info(run_dir, wall_time_s=round(time.time() - PROCESS_START, 1), phases=phases)
     if config.push_to_hub:
         try:
             print(f"pushed to {push_to_hub(run_dir, config.push_to_hub, private=config.hub_private)}")

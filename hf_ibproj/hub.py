@@ -145,7 +145,7 @@ def write_backbone_files(model: IBProjModel, directory: Path) -> None:
     own_cfg = {key: pretrained_cfg[key] for key in _OWN_PRETRAINED_CFG_KEYS if key in pretrained_cfg}
     hf_config["pretrained_cfg"] = {**own_cfg, "num_classes": 0}
     if config.backbone in SMALL_RESNETS:
-        hf_config.update(_carry_small_resnet_code(Path(directory)))
+        hf_config.update(carry_small_resnet_code(Path(directory)))
     config_file.write_text(json.dumps(hf_config, indent=2))
 
 
@@ -161,7 +161,7 @@ def _data_config(config: IBProjConfig) -> dict[str, Any]:
     }
 
 
-def _carry_small_resnet_code(directory: Path) -> dict[str, Any]:
+def carry_small_resnet_code(directory: Path) -> dict[str, Any]:
     """Copy the small-image ResNet's code into the folder; return the config.json keys that make transformers run it.
 
     Its own model type makes transformers ask for `trust_remote_code=True` instead of failing inside TimmWrapper;
@@ -230,7 +230,7 @@ def _summary_rows(source: Source, bottleneck: str) -> list[tuple[str, str]]:
     train, info = source.train_config, source.run_info
     for label, value in (
         ("Dataset", _dataset(source)),
-        ("Epochs", train.get("epochs")),
+        ("Training length", _training_length(train, info)),
         ("Batch size", train.get("batch_size")),
         ("Learning rate", train.get("lr")),
         ("Optimizer", train.get("optimizer")),
@@ -242,6 +242,18 @@ def _summary_rows(source: Source, bottleneck: str) -> list[tuple[str, str]]:
                 value = ", ".join(f"{k}: {v}" for k, v in value.items())
             rows.append((label, str(value)))
     return rows
+
+
+def _training_length(train: dict[str, Any], info: dict[str, Any]) -> str | None:
+    """Steps and epochs, and for a `--time-budget` run the plan that fixed them (train.py's run_info.json)."""
+    plan = info.get("plan")
+    if plan:
+        return (f"{plan['total_steps']} steps ({plan['epochs']} epochs), fixed by a {plan['time_budget_min']:g}-minute "
+                f"time budget at a measured {plan['img_per_s']:.0f} img/s")
+    steps, epochs = info.get("total_steps"), train.get("epochs")
+    if steps:
+        return f"{steps} steps" + (f" ({epochs} epochs)" if epochs else "")
+    return f"{epochs} epochs" if epochs else None
 
 
 def _eval_results(source: Source) -> tuple[list[EvalResult], list[tuple[str, str, str, str]]]:

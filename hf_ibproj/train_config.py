@@ -1,8 +1,9 @@
 """The training configuration of train.py: a YAML preset (`--config`) plus command-line overrides, or on `--resume`
 the run's own stored configuration.
 
-The flags come from the `TrainConfig` dataclass through transformers' `HfArgumentParser` (`--foo-bar` for field
-`foo_bar`, help and default shown, booleans as `--flag / --no-flag`). Two things it cannot do are added here: the
+The flags come from the `TrainConfig` dataclass through hf_ibproj.arguments' ArgumentParser (transformers'
+HfArgumentParser: `--foo-bar` for field `foo_bar`, help and default shown, booleans as `--flag / --no-flag`), the
+convention of every command. Two things it cannot do are added here: the
 defaults come from the preset (so `--help` shows the preset's values), and list/dict fields are YAML text (it has no
 dict type, and a list flag of `nargs="+"` cannot say "no hidden layers").
 """
@@ -20,8 +21,7 @@ from typing import Any
 
 import torch
 import yaml
-from transformers import HfArgumentParser
-
+from .arguments import ArgumentParser
 from .configuration_ibproj import IBProjConfig
 from .resources import CONFIG_DIR  # the presets, in the installed package or the source checkout
 from .runs import has_native_bf16
@@ -246,13 +246,13 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
     pass
 
 
-def build_arg_parser(defaults: dict[str, Any] | None = None) -> HfArgumentParser:
+def build_arg_parser(defaults: dict[str, Any] | None = None) -> ArgumentParser:
     """Every TrainConfig field as a flag (defaults: `defaults`, e.g. a preset), plus --config and --resume."""
-    parser = HfArgumentParser(TrainConfig, formatter_class=_HelpFormatter, description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(TrainConfig, formatter_class=_HelpFormatter, description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=str(DEFAULT_PRESET), help="YAML preset of the settings")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --output-dir from its latest checkpoint, with its stored settings")
-    for field in dataclasses.fields(TrainConfig):  # HfArgumentParser adds --no-X only where the default is True
+    for field in dataclasses.fields(TrainConfig):  # and for the optional booleans (projector_batch_norm)
         if _allows(field.name, (bool,)) and f"--no-{field.name.replace('_', '-')}" not in parser._option_string_actions:
             parser.add_argument(f"--no-{field.name.replace('_', '-')}", dest=field.name, action="store_false",
                                 help=f"turn --{field.name.replace('_', '-')} off")

@@ -279,7 +279,7 @@ def test_card_metadata_and_training_summary(stock, small):
     assert tasks == {"Linear probe on frozen features": ["Linear probe top-1 accuracy", "Linear probe top-5 accuracy"],
                      "kNN on frozen features": ["kNN top-1 accuracy", "kNN top-5 accuracy"]}
     text = card.text
-    for row in ("| Epochs | 3 |", "| Batch size | 64 |", "| Learning rate | 0.3 |", "| Hardware | 2 CPU cores |",
+    for row in ("| Training length | 3 epochs |", "| Batch size | 64 |", "| Learning rate | 0.3 |", "| Hardware | 2 CPU cores |",
                 "| Wall time | 1.5 min |", "| Backbone | resnet18 (in_chans=3) |",
                 "| Linear probe | fashion_mnist (test) | 88.70% | 99.40% |", "| kNN | fashion_mnist (test) | 82.90% | 98.10% |"):
         assert row in text, row
@@ -292,7 +292,7 @@ def test_card_metadata_and_training_summary(stock, small):
     # Exported from a bare instance: no run records, so no metrics, dataset, plot or run rows.
     small_card = ModelCard.load(small[1] / "README.md")
     assert "model-index" not in small_card.data.to_dict() and "datasets" not in small_card.data.to_dict()
-    assert "Epochs" not in small_card.text and not (small[1] / "information_plane.png").exists()
+    assert "Training length" not in small_card.text and not (small[1] / "information_plane.png").exists()
     # The small stem: transformers with the carried code, timm from a stock resnet18, and no `pip install hf_ibproj`.
     usage = small_card.text.split("## Usage")[1]
     assert usage.count("trust_remote_code=True") == 2 and 'timm.create_model("resnet18", ' in usage

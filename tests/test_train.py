@@ -227,20 +227,31 @@ def test_time_budget_plan_fills_the_budget_with_a_fake_clock(train_module, monke
 
 
 def test_time_budget_run_records_its_plan_and_resume_keeps_it(tiny_dataset, tmp_path):
-    args = ["--dataset", str(tiny_dataset), "--time-budget", "0.6", "--checkpoint-every", "4", "--tracker", "none",
-            "--no-export-backbone", *TINY]
+    from huggingface_hub import ModelCard
+
     out = tmp_path / "budget"
-    _kill_after_first_checkpoint(args, out)
-    plan = json.loads((out / "run_info.json").read_text()).get("plan")
-    if plan is None:  # killed before planning (a checkpoint can come first): nothing to compare, resume still plans
-        pytest.skip("the first checkpoint came before the budget was planned")
-    run_train(["--output-dir", str(out), "--resume"])
+    run_train(["--dataset", str(tiny_dataset), "--time-budget", "1", "--checkpoint-every", "4",
+               "--keep-checkpoints", "1000", "--tracker", "none", "--output-dir", str(out), *TINY,
+               "--warmup-epochs", "4"])
     info = json.loads((out / "run_info.json").read_text())
-    assert info["plan"] == plan and info["total_steps"] == plan["total_steps"]
+    plan = info["plan"]
     assert plan["planned_at_step"] == 15 and plan["step_s"] > 0 and plan["final_phase_s"] > 5
-    checkpoints = sorted(p.name for p in (out / "checkpoints").iterdir())
-    assert checkpoints[-1] == f"step_{plan['total_steps']:08d}"
+    assert info["total_steps"] == plan["total_steps"] >= 24  # at least one more epoch fits the minute
     assert json.loads((out / "final_eval.json").read_text())["random_init"]["num_test"] == 64
+    checkpoints = sorted(int(p.name.split("_")[1]) for p in (out / "checkpoints").iterdir())
+    assert checkpoints[-1] == plan["total_steps"]
+    card = ModelCard.load(out / "backbone" / "README.md").text
+    assert f"{plan['total_steps']} steps" in card and "1-minute time budget" in card
+
+    # As if killed after the plan: a resumed run continues to the planned step count, it does not plan again.
+    later = [step for step in checkpoints if step > plan["planned_at_step"]]
+    for step in later[1:]:
+        shutil.rmtree(out / "checkpoints" / f"step_{step:08d}")
+    shutil.rmtree(out / "model")
+    run_train(["--output-dir", str(out), "--resume"])
+    resumed = json.loads((out / "run_info.json").read_text())
+    assert resumed["plan"] == plan and resumed["total_steps"] == plan["total_steps"]
+    assert (out / "checkpoints" / f"step_{plan['total_steps']:08d}").is_dir() and (out / "model").is_dir()
 
 
 def _class_sorted_image_folder(root: Path) -> dict[str, list[Path]]:
