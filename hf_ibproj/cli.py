@@ -9,7 +9,7 @@ import sys
 from .arguments import ArgumentParser
 
 # Modules that contribute sub-commands, each through a `register_cli(subparsers)` function.
-_COMMAND_MODULES = ("hf_ibproj.hub", "hf_ibproj.evaluate_cli")
+_COMMAND_MODULES = ("hf_ibproj.hub", "hf_ibproj.evaluate_cli", "hf_ibproj.finetune")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, OSError) as error:  # bad input: a flag's value, a missing or occupied folder, a bad reference
         print(f"hf-ibproj {args.command}: error: {error}", file=sys.stderr)
         return 2
 

@@ -1,10 +1,11 @@
-"""finetune.py: linear and full fine-tuning, exact resume, any backbone on any data, Hub push, and a 2-process run."""
+"""hf-ibproj finetune (hf_ibproj/finetune.py, and the repository's finetune.py): linear and full fine-tuning, exact
+resume, any backbone on any data, Hub push, a small-stem result that loads without hf_ibproj, and a 2-process run."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
+import runpy
 import shutil
 import socket
 import subprocess
@@ -21,12 +22,10 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers import pipeline
 
-from hf_ibproj import IBProjConfig, IBProjModel, export_backbone
+from hf_ibproj import IBProjConfig, IBProjModel, export_backbone, finetune, resolve_source
+from test_export import run_without_hf_ibproj
 
 ROOT = Path(__file__).resolve().parent.parent
-_spec = importlib.util.spec_from_file_location("finetune", ROOT / "finetune.py")
-finetune = sys.modules["finetune"] = importlib.util.module_from_spec(_spec)  # dataclasses look their module up
-_spec.loader.exec_module(finetune)
 COLORS = {"red": (200, 40, 40), "green": (40, 200, 40), "blue": (40, 40, 200)}
 
 
@@ -66,9 +65,14 @@ def backbone_folder(tmp_path_factory):
     return export_backbone(IBProjModel(config), tmp_path_factory.mktemp("backbone") / "tiny-resnet")
 
 
+def flags(backbone, dataset, out, *extra):
+    return ["--model", str(backbone), "--dataset", str(dataset), "--output-dir", str(out), "--batch-size", "32",
+            "--num-workers", "0", "--mixed-precision", "no", *extra]
+
+
 def run(backbone, dataset, out, *extra):
-    return finetune.main(["--model", str(backbone), "--dataset", str(dataset), "--output-dir", str(out),
-                          "--batch-size", "32", "--num-workers", "0", "--mixed-precision", "no", *extra])
+    """finetune.finetune on the parsed flags: its results; bad input raises."""
+    return finetune.finetune(finetune.parse_args(flags(backbone, dataset, out, *extra)))
 
 
 def test_linear_and_full_fine_tuning_learn_and_the_saved_model_runs_in_a_pipeline(
@@ -76,8 +80,9 @@ def test_linear_and_full_fine_tuning_learn_and_the_saved_model_runs_in_a_pipelin
 ):
     for mode, lr, epochs in (("linear", 3e-2, 6), ("full", 3e-3, 4)):
         out = tmp_path / mode
-        assert run(backbone_folder, color_dataset, out, "--mode", mode, "--epochs", str(epochs), "--lr", str(lr)) == 0
+        returned = run(backbone_folder, color_dataset, out, "--mode", mode, "--epochs", str(epochs), "--lr", str(lr))
         results = json.loads((out / "results.json").read_text())
+        assert json.loads(json.dumps(returned)) == results  # what it returns is what it wrote
         assert results["eval_accuracy"] >= 90, (mode, results)
         assert results["steps"] == epochs * 5  # ceil(150 / 32) steps per epoch
 
@@ -101,13 +106,44 @@ def test_linear_and_full_fine_tuning_learn_and_the_saved_model_runs_in_a_pipelin
         tuned = {k.removeprefix("timm_model."): v for k, v in tuned.items()}
         assert torch.equal(tuned["conv1.weight"], exported["conv1.weight"]) is same, mode
         assert torch.equal(tuned["bn1.running_mean"], exported["bn1.running_mean"]) is same, mode
+    # The result is itself a source (its classifier dropped), e.g. to fine-tune or evaluate it again.
+    assert torch.equal(resolve_source(tmp_path / "full").backbone.state_dict()["conv1.weight"], tuned["conv1.weight"])
+
+
+def test_small_stem_result_loads_without_hf_ibproj(color_dataset, backbone_folder, tmp_path):
+    """The fine-tuned resnet18_small carries its code: a process that cannot import hf_ibproj runs its pipeline
+    (trust_remote_code=True) with the scores of this process's pipeline, which uses hf_ibproj's own classes."""
+    out = tmp_path / "ft"
+    run(backbone_folder, color_dataset, out, "--epochs", "1", "--max-samples", "30", "--eval-max-samples", "15")
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "ibproj_small_resnet" and "AutoModelForImageClassification" in config["auto_map"]
+    code = (ROOT / "hf_ibproj" / "modeling_small_resnet.py").read_bytes()
+    assert (out / "modeling_small_resnet.py").read_bytes() == code
+    assert "trust_remote_code=True" in (out / "README.md").read_text()
+
+    rng = np.random.default_rng(3)
+    paths = []
+    for name, rgb in COLORS.items():
+        paths.append(tmp_path / f"{name}.png")
+        color_image(rgb, rng).save(paths[-1])
+    expected = [pipeline("image-classification", model=str(out))(str(path), top_k=3) for path in paths]
+    run_without_hf_ibproj("""
+        import json, sys
+        from transformers import pipeline
+        classifier = pipeline("image-classification", model=sys.argv[1], trust_remote_code=True)
+        json.dump([classifier(path, top_k=3) for path in sys.argv[3:]], open(sys.argv[2], "w"))
+    """, out, tmp_path / "scores.json", *paths, cwd=tmp_path)
+    fresh = json.loads((tmp_path / "scores.json").read_text())
+    for want, got in zip(expected, fresh, strict=True):
+        assert [p["label"] for p in got] == [p["label"] for p in want]
+        assert max(abs(a["score"] - b["score"]) for a, b in zip(want, got)) <= 1e-5
 
 
 def test_resume_continues_exactly_from_a_mid_epoch_checkpoint(color_dataset, backbone_folder, tmp_path):
     common = ["--mode", "full", "--epochs", "2", "--lr", "3e-3", "--max-samples", "96", "--checkpoint-every", "2",
               "--keep-checkpoints", "10"]
     straight = tmp_path / "straight"
-    assert run(backbone_folder, color_dataset, straight, *common) == 0
+    run(backbone_folder, color_dataset, straight, *common)
     steps = sorted(p.name for p in (straight / "checkpoints").iterdir())
     assert steps == ["step_00000002", "step_00000003", "step_00000004", "step_00000006"]  # 3 steps per epoch
 
@@ -117,9 +153,7 @@ def test_resume_continues_exactly_from_a_mid_epoch_checkpoint(color_dataset, bac
     shutil.copy(straight / "finetune_args.json", interrupted)
     shutil.copytree(straight / "checkpoints" / "step_00000002", interrupted / "checkpoints" / "step_00000002")
     # Resumed with other DataLoader workers: the augmentation is seeded per sample, so nothing changes.
-    assert finetune.main(["--model", str(backbone_folder), "--dataset", str(color_dataset), "--output-dir",
-                          str(interrupted), "--batch-size", "32", "--num-workers", "2", "--mixed-precision", "no",
-                          *common, "--resume"]) == 0
+    run(backbone_folder, color_dataset, interrupted, *common, "--num-workers", "2", "--resume")
     expected, resumed = (load_file(folder / "model.safetensors") for folder in (straight, interrupted))
     assert expected.keys() == resumed.keys()
     assert all(torch.equal(expected[key], resumed[key]) for key in expected)
@@ -127,20 +161,25 @@ def test_resume_continues_exactly_from_a_mid_epoch_checkpoint(color_dataset, bac
     assert accuracy[0] == accuracy[1]
 
 
-def test_output_dir_and_resume_errors(color_dataset, backbone_folder, tmp_path):
+def test_output_dir_and_resume_errors(color_dataset, backbone_folder, tmp_path, capsys):
     out = tmp_path / "out"
     with pytest.raises(FileNotFoundError, match="no checkpoint to resume from"):
         run(backbone_folder, color_dataset, out, "--resume")
-    assert run(backbone_folder, color_dataset, out, "--epochs", "1", "--max-samples", "30") == 0
+    run(backbone_folder, color_dataset, out, "--epochs", "1", "--max-samples", "30")
     with pytest.raises(FileExistsError, match="pass --resume"):
         run(backbone_folder, color_dataset, out, "--epochs", "1", "--max-samples", "30")
+    # The command (finetune.py, hf-ibproj finetune): one line naming the problem and the fix, exit status 2.
+    capsys.readouterr()
+    assert finetune.main(flags(backbone_folder, color_dataset, out, "--epochs", "1", "--max-samples", "30")) == 2
+    assert capsys.readouterr().err == (f"hf-ibproj finetune: error: --output-dir {out} is not empty; pass --resume "
+                                       "to continue the run in it or choose another --output-dir.\n")
     with pytest.raises(ValueError, match=r"--epochs 1 -> 2"):
         run(backbone_folder, color_dataset, out, "--epochs", "2", "--max-samples", "30", "--resume")
-    for flags, message in ((["--epochs", "0"], "--epochs must be a positive integer"),
+    for bad, message in ((["--epochs", "0"], "--epochs must be a positive integer"),
                            (["--min-crop-scale", "1.5"], "--min-crop-scale must be in"),
                            (["--push-to-hub", "not a/valid id"], "invalid --push-to-hub")):
         with pytest.raises(ValueError, match=message):
-            run(backbone_folder, color_dataset, tmp_path / "never", *flags)
+            run(backbone_folder, color_dataset, tmp_path / "never", *bad)
     assert not (tmp_path / "never").exists()
 
 
@@ -165,8 +204,8 @@ def test_docstring_example_stock_timm_backbone_at_224_px_on_32_px_data(color_dat
     with fake_hub_session(monkeypatch, tmp_path / "cache"):
         HfApi().create_repo("timm/resnet18.a1_in1k")
         HfApi().upload_folder(repo_id="timm/resnet18.a1_in1k", folder_path=stock)
-        assert run("timm/resnet18.a1_in1k", color_dataset, out, "--epochs", "1", "--max-samples", "24",
-                   "--eval-max-samples", "12", "--batch-size", "12") == 0
+        run("timm/resnet18.a1_in1k", color_dataset, out, "--epochs", "1", "--max-samples", "24",
+            "--eval-max-samples", "12", "--batch-size", "12")
     results = json.loads((out / "results.json").read_text())
     # The backbone's own preprocessing (resnet18.a1_in1k: 224 px, bicubic, crop_pct 0.95, ImageNet mean/std).
     assert results["data_config"]["input_size"] == [3, 224, 224] and results["base_model"] == "timm/resnet18.a1_in1k"
@@ -187,8 +226,7 @@ def test_push_to_hub_names_the_hub_id_it_started_from_as_base_model(backbone_fol
     gray = save_colors(tmp_path / "gray28", {"train": 30, "test": 15}, image_size=28, mode="L")  # unlike the backbone
     with fake_hub_session(monkeypatch, tmp_path / "cache") as hub:
         push_to_hub(backbone_folder, "tester/tiny-backbone")
-        assert run("tester/tiny-backbone", gray, tmp_path / "ft", "--epochs", "1",
-                   "--push-to-hub", "tester/tiny-classifier") == 0
+        run("tester/tiny-backbone", gray, tmp_path / "ft", "--epochs", "1", "--push-to-hub", "tester/tiny-classifier")
         uploaded = hub.files("tester/tiny-classifier")
     assert {"config.json", "model.safetensors", "README.md", "results.json"} <= set(uploaded)
     assert not any(name.startswith("checkpoints/") for name in uploaded)
@@ -204,10 +242,15 @@ def test_push_to_hub_names_the_hub_id_it_started_from_as_base_model(backbone_fol
         run(backbone_folder, gray, tmp_path / "never", "--push-to-hub", "tester/x")
 
 
-def test_help_shows_one_flag_style_with_defaults(capsys):
+def test_help_shows_one_flag_style_with_defaults(capsys, monkeypatch):
     with pytest.raises(SystemExit):
         finetune.parse_args(["--help"])
     shown = " ".join(capsys.readouterr().out.split())
+    # The repository's finetune.py is the same command.
+    monkeypatch.setattr(sys, "argv", ["finetune.py", "--help"])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(ROOT / "finetune.py"), run_name="__main__")
+    assert exit_info.value.code == 0 and " ".join(capsys.readouterr().out.split()) == shown
     for flag in ("--model", "--train-split", "--eval-split", "--image-column", "--label-column", "--max-samples",
                  "--eval-max-samples", "--image-size", "--batch-size", "--seed", "--output-dir", "--num-workers",
                  "--mixed-precision {auto,no,bf16,fp16}", "--resume", "--no-resume", "--push-to-hub",
@@ -228,7 +271,7 @@ def test_two_process_gloo_run_completes(color_dataset, backbone_folder, tmp_path
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                 "--main_process_port", str(free_port())]
-    command = [*launcher, str(ROOT / "finetune.py"), "--model", str(backbone_folder), "--dataset",
+    command = [*launcher, "-m", "hf_ibproj.finetune", "--model", str(backbone_folder), "--dataset",
                str(color_dataset), "--mode", "linear", "--output-dir", str(out), "--epochs", "1", "--batch-size", "16",
                "--num-workers", "0", "--mixed-precision", "no"]
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}

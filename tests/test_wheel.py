@@ -3,8 +3,8 @@
 The venv reuses the installed dependencies (a .pth line pointing at this interpreter's site-packages, so nothing is
 downloaded), and gets the wheel itself with `pip install --no-deps`. Every command then runs from a temporary
 folder outside the repository, with no PYTHONPATH, and must import hf_ibproj from the venv: the console script's
-`export` (through its entry point), `push` (to the local fake Hub) and `evaluate`, and train.py's preset lookup. References are the
-repository's own files (templates, presets) and the pushed/exported folders' contents.
+`export` (through its entry point), `push` (to the local fake Hub), `evaluate` and `finetune`, and train.py's preset
+lookup. References are the repository's own files (templates, presets, code) and the pushed/exported folders' contents.
 """
 
 from __future__ import annotations
@@ -19,7 +19,9 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import torch
 from huggingface_hub import ModelCard
+from safetensors.torch import load_file
 
 from hub_server import FakeHub
 from test_export import make_model, make_run_folder
@@ -67,12 +69,12 @@ def test_wheel_ships_templates_and_presets_as_package_data(installed):
     names = set(zipfile.ZipFile(wheel).namelist())
     expected = {f"hf_ibproj/model_cards/{p.name}" for p in (REPO / "model_cards").glob("*.md")}
     expected |= {f"hf_ibproj/configs/{p.name}" for p in (REPO / "configs").glob("*.yaml")}
-    assert expected <= names and "hf_ibproj/modeling_small_resnet.py" in names
+    assert expected <= names and {"hf_ibproj/modeling_small_resnet.py", "hf_ibproj/finetune.py"} <= names
     assert not any(name.startswith(("model_cards/", "configs/", "tests/")) for name in names)
 
 
 @pytest.mark.skipif(not FASHION_MNIST.is_dir(), reason="the evaluate step reads the local Fashion-MNIST copy")
-def test_installed_cli_exports_pushes_and_evaluates_outside_the_repository(installed, tmp_path):
+def test_installed_cli_exports_pushes_evaluates_and_finetunes_outside_the_repository(installed, tmp_path):
     python, bin_dir, _, env = installed
     env = {**env, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1"}  # no network, no shared cache
     work = tmp_path / "elsewhere"
@@ -114,3 +116,17 @@ def test_installed_cli_exports_pushes_and_evaluates_outside_the_repository(insta
          cwd=work, env=env)
     results = json.loads((work / "eval" / "eval_results.json").read_text())
     assert results["dataset"] == "fashion_mnist" and results["data_config"]["input_size"] == [1, 28, 28]
+
+    # A tiny linear fine-tuning run of the export (2 steps): the frozen backbone's weights are the export's, under a
+    # new 10-class classifier, and the result carries the small stem's code (the repository's file, from the wheel).
+    _run([str(bin_dir / "hf-ibproj"), "finetune", "--model", "exported", "--dataset", "fashion_mnist",
+          "--max-samples", "20", "--eval-max-samples", "10", "--epochs", "1", "--batch-size", "10",
+          "--num-workers", "0", "--mixed-precision", "no", "--output-dir", "ft"], cwd=work, env=env)
+    results = json.loads((work / "ft" / "results.json").read_text())
+    assert results["steps"] == 2 and results["data_config"]["input_size"] == [1, 28, 28]
+    tuned = {k.removeprefix("timm_model."): v for k, v in load_file(work / "ft" / "model.safetensors").items()}
+    backbone = load_file(exported / "model.safetensors")
+    assert tuned.keys() - backbone.keys() == {"fc.weight", "fc.bias"} and tuned["fc.weight"].shape == (10, 16)
+    assert all(torch.equal(tuned[key], value) for key, value in backbone.items())
+    code = (REPO / "hf_ibproj" / "modeling_small_resnet.py").read_bytes()
+    assert (work / "ft" / "modeling_small_resnet.py").read_bytes() == code

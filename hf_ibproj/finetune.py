@@ -1,0 +1,426 @@
+"""`hf-ibproj finetune`: fine-tune a pretrained backbone for image classification with transformers' TimmWrapper
+and Accelerate.
+
+    hf-ibproj finetune --model timm/resnet18.a1_in1k --dataset uoft-cs/cifar10 --output-dir ft/resnet18
+    accelerate launch -m hf_ibproj.finetune --model runs/simclr --dataset fashion_mnist --mode full --output-dir ft/s
+    accelerate launch finetune.py ... --output-dir ft/s --resume    # the repository's script: the same command
+    accelerate launch --multi_gpu --num_processes 2 -m hf_ibproj.finetune ...  # DDP; CPUs: ACCELERATE_USE_CPU=true
+
+The model is anything hf_ibproj.sources resolves: a training run, IBProjModel or checkpoint folder, a timm folder
+(an `hf-ibproj export`, a fine-tuned model), a timm name with pretrained weights or a Hub id. Its backbone gets a
+fresh linear classifier (transformers' TimmWrapperForImageClassification) and trains in `--mode linear` (frozen
+backbone in eval mode, only the classifier trains) or `--mode full` (everything trains), with AdamW, a cosine
+schedule and random resized crop + horizontal flip. Images are brought to the backbone's own preprocessing
+(pretrained_cfg: input size, interpolation, crop_pct, mean/std, channels) as timm's eval transform does, whatever
+their size and mode; `--image-size` overrides the size. Checkpoints (accelerate save_state, written atomically)
+let `--resume` continue exactly where a run stopped; every augmentation draw is seeded by (seed, epoch, sample),
+so the result does not depend on interruptions or on the number of DataLoader workers. The result is saved so that
+`transformers.pipeline("image-classification", model=OUTPUT_DIR)` loads it, with a model card whose base_model is
+the Hub id it started from (a local path never is one), and `--push-to-hub REPO_ID` uploads it. A fine-tuned
+small-image ResNet (resnet18_small, ...) carries its code as `hf-ibproj export` does, so
+`pipeline("image-classification", model=OUTPUT_DIR, trust_remote_code=True)` loads it without hf_ibproj.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from accelerate import Accelerator, PartialState
+from accelerate.utils import DataLoaderConfiguration, parse_flag_from_env, set_seed
+from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, get_token
+from huggingface_hub.errors import HfHubHTTPError, HFValidationError
+from huggingface_hub.utils import validate_repo_id
+from timm.data.transforms import str_to_interp_mode
+from timm.models import get_model_args
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2
+from tqdm.auto import tqdm
+from transformers import TimmWrapperConfig, TimmWrapperForImageClassification, get_cosine_schedule_with_warmup
+
+from . import cli
+from .arguments import DataArguments, Split, arguments_from_namespace
+from .backbones import SMALL_RESNETS
+from .evaluation import check_labels, shared_class_names
+from .hub import PushError, carry_small_resnet_code
+from .runs import CHECKPOINT_PREFIX, has_native_bf16, latest_checkpoint, save_checkpoint, write_json
+from .sources import Source, resolve_source
+
+DEFAULT_LR = {"linear": 1e-3, "full": 1e-4}
+ARGUMENTS_FILE = "finetune_args.json"  # the arguments of the run in OUTPUT_DIR, checked by --resume
+RESULTS_FILE = "results.json"
+# Arguments a resumed run may change (a moved folder, other workers, where to push): they change nothing computed.
+RESUMABLE_CHANGES = ("output_dir", "resume", "num_workers", "push_to_hub", "hub_private")
+
+
+@dataclass(kw_only=True)
+class FinetuneArguments(DataArguments):
+    """The flags of `hf-ibproj finetune` (and of finetune.py, the same command)."""
+
+    model: str = field(metadata={"help": "what to fine-tune: run folder, IBProjModel or checkpoint folder, timm "
+                                         "folder (an export), timm name with pretrained weights, or Hub id"})
+    output_dir: str = field(metadata={"help": "where checkpoints and the fine-tuned model are written"})
+    mode: Literal["linear", "full"] = field(default="linear", metadata={
+        "help": "linear: frozen backbone, train the classifier only; full: train everything"})
+    epochs: int = field(default=10, metadata={"help": "passes over the training split"})
+    batch_size: int = field(default=128, metadata={"help": "images per process and step"})
+    lr: float | None = field(default=None, metadata={
+        "help": f"AdamW learning rate; None: {DEFAULT_LR['linear']:g} (linear) or {DEFAULT_LR['full']:g} (full)"})
+    weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay"})
+    warmup_ratio: float = field(default=0.1, metadata={"help": "fraction of the steps spent warming up"})
+    min_crop_scale: float = field(default=0.5, metadata={"help": "RandomResizedCrop scale lower bound, in (0, 1]"})
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = field(default="auto", metadata={
+        "help": "auto: bf16 where the hardware computes it natively, else no (float32)"})
+    checkpoint_every: int = field(default=500, metadata={
+        "help": "steps between checkpoints; one is also written at the end of every epoch"})
+    keep_checkpoints: int = field(default=2, metadata={"help": "checkpoints kept in OUTPUT_DIR/checkpoints"})
+    resume: bool = field(default=False, metadata={
+        "help": "continue the run in --output-dir from its latest checkpoint (same arguments)"})
+    push_to_hub: str | None = field(default=None, metadata={
+        "help": "Hub repository REPO_ID ('username/model-name') to upload the fine-tuned model to"})
+    hub_private: bool = field(default=False, metadata={"help": "create the --push-to-hub repository as private"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.lr is None:
+            self.lr = DEFAULT_LR[self.mode]
+        for name in ("epochs", "batch_size", "checkpoint_every", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)}.")
+        if self.lr <= 0:
+            raise ValueError(f"--lr must be > 0, got {self.lr}.")
+        if not 0 < self.min_crop_scale <= 1:
+            raise ValueError(f"--min-crop-scale must be in (0, 1], got {self.min_crop_scale}.")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}.")
+        if self.push_to_hub is not None:
+            try:
+                validate_repo_id(self.push_to_hub)
+            except HFValidationError as error:
+                raise ValueError(f"invalid --push-to-hub {self.push_to_hub!r}: {error} "
+                                 "Expected 'username/model-name'.") from None
+
+
+def register_cli(subparsers: argparse._SubParsersAction) -> None:
+    """`hf-ibproj finetune --model SRC --dataset DATA --output-dir OUT ...`."""
+    subparsers.add_parser(
+        "finetune",
+        dataclass_types=[FinetuneArguments],
+        help="fine-tune a backbone for image classification (linear or full)",
+        description="Fine-tune a pretrained backbone for image classification (transformers' TimmWrapper, "
+        "Accelerate): a new linear classifier on the frozen backbone (--mode linear) or the whole network "
+        "(--mode full).",
+    ).set_defaults(func=_command)
+
+
+def _command(namespace: argparse.Namespace) -> int:
+    try:
+        finetune(arguments_from_namespace(FinetuneArguments, namespace))
+    except PushError as error:
+        print(f"hf-ibproj finetune: error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def parse_args(argv: list[str] | None = None) -> FinetuneArguments:
+    """The flags of `hf-ibproj finetune` (default: sys.argv[1:]) as FinetuneArguments; bad values raise ValueError."""
+    namespace = cli.build_parser().parse_args(["finetune", *(sys.argv[1:] if argv is None else argv)])
+    return arguments_from_namespace(FinetuneArguments, namespace)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`accelerate launch -m hf_ibproj.finetune ARGS` and finetune.py: `hf-ibproj finetune ARGS`, exit status 2
+    for bad input and 1 for a failed push (after the result is saved)."""
+    return cli.main(["finetune", *(sys.argv[1:] if argv is None else argv)])
+
+
+# --------------------------------------------------------------------------------------------- data and model
+
+
+class SeededTransformSplit(Dataset):
+    """(float pixel_values, label) of a split's rows through a transform whose random draws are seeded per sample.
+
+    The seed is a function of (seed, epoch, position), so an epoch's augmentation is the same whichever process
+    or DataLoader worker draws it, and after a resume; set `epoch` before each pass.
+    """
+
+    def __init__(self, split: Split, transform: v2.Transform, seed: int) -> None:
+        self.split, self.transform, self.seed, self.epoch = split, transform, seed, 0
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, position: int) -> tuple[torch.Tensor, int]:
+        image, label = self.split.dataset[int(self.split.indices[position])][:2]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 1_000_003 + position)
+            return self.transform(image), label
+
+
+def build_classifier(source: Source, data_config: dict[str, Any], class_names: list[str]) -> torch.nn.Module:
+    """The source's backbone under a fresh linear classifier, as a TimmWrapperForImageClassification.
+
+    The config carries the architecture and model_args timm rebuilds it from, and as pretrained_cfg the
+    preprocessing it is fine-tuned with (what AutoImageProcessor and the image-classification pipeline apply).
+    """
+    backbone = source.backbone
+    config = TimmWrapperConfig(
+        architecture=backbone.pretrained_cfg["architecture"],
+        model_args={k: v for k, v in get_model_args(backbone).items() if k != "num_classes"},  # num_labels sets it
+        num_labels=len(class_names),
+        id2label=dict(enumerate(class_names)),
+        label2id={name: index for index, name in enumerate(class_names)},
+    )
+    config.pretrained_cfg = {**data_config, "num_classes": len(class_names)}
+    model = TimmWrapperForImageClassification(config)
+    missing, unexpected = model.timm_model.load_state_dict(backbone.state_dict(), strict=False)
+    classifier = {id(p) for p in model.timm_model.get_classifier().parameters()}
+    new = {name for name, p in model.timm_model.named_parameters() if id(p) in classifier}
+    if unexpected or set(missing) != new:
+        raise RuntimeError(f"the backbone's weights do not fit its architecture: missing {missing}, "
+                           f"unexpected {unexpected}.")
+    return model
+
+
+def set_train_mode(model: torch.nn.Module, mode: str) -> None:
+    """Train mode, except a frozen backbone stays in eval mode (BatchNorm statistics are part of it)."""
+    model.train()
+    if mode == "linear":
+        model.timm_model.eval()
+        model.timm_model.get_classifier().train()
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader: DataLoader, accelerator: Accelerator) -> float:
+    """Top-1 accuracy in percent over the whole split (all processes)."""
+    model.eval()
+    correct = total = 0
+    for pixel_values, labels in tqdm(loader, desc="evaluation", unit="batch", leave=False,
+                                     disable=not accelerator.is_local_main_process):
+        predictions = model(pixel_values=pixel_values).logits.argmax(dim=-1)
+        predictions, labels = accelerator.gather_for_metrics((predictions, labels))
+        correct += (predictions == labels).sum().item()
+        total += len(labels)
+    return 100.0 * correct / total
+
+
+# --------------------------------------------------------------------------------------------- run folder
+
+
+def check_output_dir(args: FinetuneArguments) -> Path | None:
+    """The checkpoint to resume from (None: a fresh run); refuses to overwrite a run or to resume a different one."""
+    output_dir = Path(args.output_dir)
+    checkpoint = latest_checkpoint(output_dir)
+    if not args.resume:
+        if output_dir.exists() and any(output_dir.iterdir()):
+            raise FileExistsError(f"--output-dir {output_dir} is not empty; pass --resume to continue the run in it "
+                                  "or choose another --output-dir.")
+        return None
+    if checkpoint is None:
+        raise FileNotFoundError(f"--resume: {output_dir} has no checkpoint to resume from; check --output-dir.")
+    saved = json.loads((output_dir / ARGUMENTS_FILE).read_text())
+    current = dataclasses.asdict(args)
+    changed = [f"--{name.replace('_', '-')} {saved.get(name)!r} -> {current[name]!r}" for name in current
+               if name not in RESUMABLE_CHANGES and saved.get(name) != current[name]]
+    if changed:
+        raise ValueError(f"--resume continues the run in {output_dir} with its own arguments, but these differ: "
+                         f"{'; '.join(changed)}. Pass the same values, or start a new run in another --output-dir.")
+    return checkpoint
+
+
+def save_result(model: torch.nn.Module, card: ModelCard, results: dict[str, Any], output_dir: Path) -> None:
+    """save_pretrained + card + results into a staging folder, then each file renamed into OUTPUT_DIR.
+
+    A small-image ResNet also gets its code and the config.json keys (model type, auto_map) that let transformers
+    load it with `trust_remote_code=True` where hf_ibproj is not installed, as `hf-ibproj export` writes them.
+    """
+    staging = output_dir / ".result-tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    # TimmWrapper keeps the preprocessing (timm's pretrained_cfg) in config.json, so this one call also makes
+    # AutoImageProcessor and pipeline("image-classification") work from the folder.
+    model.save_pretrained(staging)
+    if model.config.architecture in SMALL_RESNETS:
+        config_file = staging / "config.json"
+        config_file.write_text(json.dumps({**json.loads(config_file.read_text()),
+                                           **carry_small_resnet_code(staging)}, indent=2))
+    card.save(staging / "README.md")
+    write_json(staging / RESULTS_FILE, results)
+    for file in staging.iterdir():
+        os.replace(file, output_dir / file.name)
+    staging.rmdir()
+
+
+def model_card(args: FinetuneArguments, source: Source, accuracy: float, class_names: list[str]) -> ModelCard:
+    dataset_is_hub_id = not Path(args.dataset).expanduser().exists()
+    base = source.base_model if isinstance(source.base_model, str) else None
+    name = args.push_to_hub or Path(args.output_dir).name
+    card_data = ModelCardData(
+        model_name=name.split("/")[-1],
+        base_model=source.base_model,  # a Hub id or None: a local path is never a base_model
+        library_name="timm",
+        pipeline_tag="image-classification",
+        tags=["image-classification", "timm", "hf_ibproj", f"{args.mode}-fine-tuning"],
+        datasets=[args.dataset] if dataset_is_hub_id else None,
+        metrics=["accuracy"],
+        eval_results=[EvalResult(
+            task_type="image-classification", dataset_type=args.dataset, dataset_name=args.dataset,
+            dataset_split=args.eval_split, metric_type="accuracy", metric_name="top-1 accuracy (%)",
+            metric_value=round(accuracy, 2),
+        )],
+    )
+    started_from = f"[`{base}`](https://huggingface.co/{base})" if base else f"a {source.kind} (`{Path(args.model).name}`)"
+    what = "a linear classifier on the frozen backbone" if args.mode == "linear" else "the whole network"
+    small_stem = source.backbone.pretrained_cfg["architecture"] in SMALL_RESNETS
+    trust = ", trust_remote_code=True" if small_stem else ""
+    trust_note = ("Its small-image ResNet runs from the `modeling_small_resnet.py` this repository carries "
+                  "(`trust_remote_code=True`).\n" if small_stem else "")
+    content = f"""---
+{card_data.to_yaml()}
+---
+
+# {name.split("/")[-1]}
+
+An image classifier fine-tuned from {started_from} on `{args.dataset}`: {what} was trained
+for {args.epochs} epochs (AdamW, lr {args.lr:g}, cosine schedule, random resized crop + horizontal flip) with
+`hf-ibproj finetune`. Accuracy on the `{args.eval_split}` split: **{accuracy:.2f}%**.
+Classes: {", ".join(class_names)}.
+
+```python
+from transformers import pipeline
+classifier = pipeline("image-classification", model="{name}"{trust})
+```
+{trust_note}"""
+    return ModelCard(content)
+
+
+def push_result(output_dir: Path, repo_id: str, private: bool) -> str:
+    """Upload the fine-tuned model (not the checkpoints) with huggingface_hub; returns the commit URL."""
+    api = HfApi(token=get_token())
+    try:
+        repo = api.create_repo(repo_id, private=private, exist_ok=True)
+        commit = api.upload_folder(repo_id=repo.repo_id, folder_path=output_dir, commit_message="Upload fine-tuned "
+                                   "classifier (hf-ibproj finetune)", ignore_patterns=["checkpoints/**", ".*"])
+    except HfHubHTTPError as error:
+        raise PushError(f"push to {repo_id!r} on {api.endpoint} failed: {error}. The fine-tuned model is saved in "
+                        f"{output_dir}; push it again with `hf upload {repo_id} {output_dir}`.") from None
+    return commit.commit_url
+
+
+# --------------------------------------------------------------------------------------------- main
+
+
+def finetune(args: FinetuneArguments) -> dict[str, Any]:
+    """Fine-tune as `args` say and save the result in OUTPUT_DIR (pushed with --push-to-hub); returns its results.
+
+    Bad input raises ValueError / OSError before anything is written; a failed push raises PushError after the
+    result is saved.
+    """
+    if args.push_to_hub is not None and get_token() is None:  # before any work, as `hf-ibproj push` does
+        raise ValueError("--push-to-hub needs a Hugging Face token: set HF_TOKEN or log in with `hf auth login`.")
+    # Without cpu=True on a machine without GPUs, `accelerate launch --multi_gpu` starts independent runs
+    # instead of one gloo process group (DESIGN.md, Distributed).
+    use_cpu = not torch.cuda.is_available() or parse_flag_from_env("ACCELERATE_USE_CPU")
+    mixed_precision = args.mixed_precision
+    if mixed_precision == "auto":
+        mixed_precision = "bf16" if has_native_bf16(PartialState(cpu=use_cpu).device) else "no"
+    accelerator = Accelerator(cpu=use_cpu, mixed_precision=mixed_precision, dataloader_config=DataLoaderConfiguration(
+        use_seedable_sampler=True, data_seed=args.seed))  # the epoch's order: a function of (seed, epoch)
+    output_dir = Path(args.output_dir)
+    checkpoint = check_output_dir(args)
+    accelerator.wait_for_everyone()  # every process has checked OUTPUT_DIR before the main one writes to it
+    set_seed(args.seed)
+
+    source = resolve_source(args.model)
+    data_config = source.data_config(args.image_size)
+    train, test = args.open_splits(data_config)
+    class_names = shared_class_names(train.dataset.class_names, test.dataset.class_names)
+    num_classes = check_labels(train.labels, test.labels, class_names)  # both labeled, with the same classes
+    class_names = class_names or [str(i) for i in range(num_classes)]
+    model = build_classifier(source, data_config, class_names)
+    if args.mode == "linear":
+        model.requires_grad_(False)
+        model.timm_model.get_classifier().requires_grad_(True)
+
+    size = data_config["input_size"][-1]
+    normalize = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(data_config["mean"], data_config["std"])]
+    augment = v2.Compose([
+        v2.RandomResizedCrop(size, scale=(args.min_crop_scale, 1.0), antialias=True,
+                             interpolation=str_to_interp_mode(data_config["interpolation"])),
+        v2.RandomHorizontalFlip(),
+        *normalize,
+    ])
+    train_data = SeededTransformSplit(train, augment, args.seed)
+    loader_kwargs = {"batch_size": args.batch_size, "num_workers": args.num_workers}
+    train_loader = DataLoader(train_data, shuffle=True, **loader_kwargs)
+    test_loader = DataLoader(SeededTransformSplit(test, v2.Compose(normalize), args.seed), **loader_kwargs)
+
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
+                                  weight_decay=args.weight_decay)
+    total_steps = args.epochs * len(train_loader)  # before sharding: the prepared scheduler steps once per process
+    scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(args.warmup_ratio * total_steps), total_steps)
+    model, optimizer, train_loader, test_loader, scheduler = accelerator.prepare(
+        model, optimizer, train_loader, test_loader, scheduler
+    )
+    step = 0
+    if checkpoint is not None:
+        accelerator.load_state(str(checkpoint))
+        step = int(checkpoint.name.removeprefix(CHECKPOINT_PREFIX))
+    elif accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        write_json(output_dir / ARGUMENTS_FILE, dataclasses.asdict(args))
+    accelerator.wait_for_everyone()
+    steps_per_epoch = len(train_loader)
+    accelerator.print(
+        f"fine-tuning {args.model} ({source.kind}, {args.mode}) on {args.dataset}: {len(train)} train / "
+        f"{len(test)} eval images at {tuple(data_config['input_size'])}, {num_classes} classes, "
+        f"{accelerator.num_processes} process(es) on {accelerator.device}"
+        + (f"; resuming at step {step} from {checkpoint}" if checkpoint is not None else "")
+    )
+
+    progress = tqdm(total=args.epochs * steps_per_epoch, initial=step, desc="fine-tuning", unit="step",
+                    disable=not accelerator.is_local_main_process)
+    start_epoch, skip = divmod(step, steps_per_epoch)
+    for epoch in range(start_epoch, args.epochs):
+        set_train_mode(accelerator.unwrap_model(model), args.mode)
+        train_data.epoch = epoch
+        train_loader.set_epoch(epoch)
+        batches = accelerator.skip_first_batches(train_loader, skip) if epoch == start_epoch and skip else train_loader
+        for pixel_values, labels in batches:
+            loss = model(pixel_values=pixel_values, labels=labels).loss
+            accelerator.backward(loss)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+            step += 1
+            progress.update()
+            progress.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.4f}", refresh=False)
+            if step % args.checkpoint_every == 0 or step % steps_per_epoch == 0:
+                save_checkpoint(accelerator, output_dir, step, args.keep_checkpoints)
+    progress.close()
+
+    accuracy = evaluate(model, test_loader, accelerator)
+    accelerator.print(f"accuracy ({args.eval_split}): {accuracy:.2f}%")
+    accelerator.wait_for_everyone()
+    results = {"eval_accuracy": accuracy, "eval_split": args.eval_split, "mode": args.mode, "model": args.model,
+               "base_model": source.base_model, "dataset": args.dataset, "data_config": data_config,
+               "num_processes": accelerator.num_processes, "epochs": args.epochs, "steps": step}
+    if accelerator.is_main_process:
+        save_result(accelerator.unwrap_model(model), model_card(args, source, accuracy, class_names), results,
+                    output_dir)
+        if args.push_to_hub is not None:
+            accelerator.print(f"pushed to {push_result(output_dir, args.push_to_hub, args.hub_private)}")
+    accelerator.end_training()
+    return results
+
+
+if __name__ == "__main__":
+    sys.exit(main())
