@@ -387,6 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     random_init = json.loads(random_init_file.read_text()) if random_init_file.is_file() else None
 
     scheduler = make_scheduler(optimizer, progress)
+    phases = {"training_start_s": round(time.time() - PROCESS_START, 1)}  # seconds since the process started
     bar = tqdm(total=progress.total_steps, initial=progress.step, disable=not accelerator.is_main_process,
                desc="pretrain")
     window = {"start": time.perf_counter(), "images": 0, "probe_hits": 0, "probe_seen": 0}
@@ -430,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
     accelerator.end_training()
     if accelerator.is_main_process:
         finish_run(config, unwrapped, run_dir, metrics, train, held_out, mean, std, progress, evaluable,
-                   diagnostic_images, augment)
+                   diagnostic_images, augment, phases)
     return 0
 
 
@@ -556,15 +557,17 @@ def start_records(run_dir: Path, config: TrainConfig, resolved: dict, args, devi
 
 def finish_run(config: TrainConfig, model: IBProjModel, run_dir: Path, metrics: MetricsLog, train, held_out,
                mean: list[float], std: list[float], progress: TrainingProgress, evaluable: bool,
-               diagnostic_images: torch.Tensor | None, augment) -> None:
+               diagnostic_images: torch.Tensor | None, augment, phases: dict[str, float]) -> None:
     """Final model, plot, frozen-backbone evaluation next to the random-init backbone, exported backbone, push."""
-    phases = {"training_end_s": round(time.time() - PROCESS_START, 1)}
+    phases["training_end_s"] = round(time.time() - PROCESS_START, 1)
     model.save_pretrained(run_dir / "model")
     plot_information_plane(metrics.read(), run_dir / "information_plane.png",
                            title=f"{config.objective} on {config.dataset}")
     if evaluable:
         trained = evaluate(model.backbone, train, held_out, mean, std, config, "trained")
+        started = time.perf_counter()
         trained["label_free"] = held_out_diagnostics(model, diagnostic_images, augment, mean, std, config)
+        trained["seconds"]["label_free"] = round(time.perf_counter() - started, 2)
         random_init = json.loads((run_dir / "random_init_eval.json").read_text())
         write_json(run_dir / "final_eval.json", {
             "dataset": config.dataset, "train_split": config.train_split, "eval_split": config.eval_split,
