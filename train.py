@@ -165,13 +165,20 @@ def features_of(backbone: torch.nn.Module, split, indices: torch.Tensor, mean: l
                                     progress=progress)
 
 
-def images_of(split, indices: torch.Tensor, config: TrainConfig) -> torch.Tensor:
-    """The uint8 images of the rows `indices` (decoded by DataLoader workers for a per-sample dataset)."""
+def image_batches(split, indices: torch.Tensor, config: TrainConfig):
+    """The uint8 images of the rows `indices`, in batches (decoded by DataLoader workers for a per-sample dataset)."""
     if isinstance(split, ImageData):
-        return split.images[indices]
+        yield split.images[indices]
+        return
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(split, indices.tolist()), batch_size=256,
                                          num_workers=config.num_workers)
-    return torch.cat([images for images, *_ in loader])
+    for images, *_ in loader:
+        yield images
+
+
+def images_of(split, indices: torch.Tensor, config: TrainConfig) -> torch.Tensor:
+    """The uint8 images of the rows `indices` as one tensor."""
+    return torch.cat(list(image_batches(split, indices, config)))
 
 
 def held_out_diagnostics(model: IBProjModel, images: torch.Tensor | None, augment, mean, std,
@@ -186,15 +193,8 @@ def held_out_diagnostics(model: IBProjModel, images: torch.Tensor | None, augmen
 
 def channel_statistics(train, config: TrainConfig) -> tuple[list[float], list[float]]:
     """Per-channel mean and std in [0, 1] of a stratified subset of the training images (written to the config)."""
-    indices = subset(train, STATISTICS_SAMPLES, config.seed)
-    if isinstance(train, ImageData):
-        batches = [train.images[indices]]
-    else:
-        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(train, indices.tolist()), batch_size=256,
-                                             num_workers=config.num_workers)
-        batches = (images for images, *_ in loader)
     count, total, total_squares = 0, 0.0, 0.0
-    for images in batches:
+    for images in image_batches(train, subset(train, STATISTICS_SAMPLES, config.seed), config):  # bounded memory
         pixels = images.double().div_(255).transpose(0, 1).flatten(1)  # (C, pixels)
         count, total, total_squares = count + pixels.shape[1], total + pixels.sum(1), total_squares + pixels.square().sum(1)
     mean = total / count
