@@ -219,12 +219,6 @@ def evaluate(backbone: torch.nn.Module, train, held_out, mean: list[float], std:
     return result
 
 
-def num_classes_of(split) -> int:
-    if split is None or labels_of(split) is None:
-        return 0
-    return len(split.class_names) if split.class_names else int(split.labels.max()) + 1
-
-
 def knn_monitor(backbone: torch.nn.Module, train, held_out, config: TrainConfig, mean: list[float],
                 std: list[float]) -> float:
     """kNN top-1 of the current encoder: stratified held-out queries against a stratified training memory bank."""
@@ -233,7 +227,7 @@ def knn_monitor(backbone: torch.nn.Module, train, held_out, config: TrainConfig,
     query_features, query_labels = features_of(backbone, held_out,
                                                subset(held_out, config.knn_eval_samples, config.seed), mean, std,
                                                config, progress=False)
-    result = knn_accuracy(bank_features, bank_labels, query_features, query_labels, num_classes=num_classes_of(train))
+    result = knn_accuracy(bank_features, bank_labels, query_features, query_labels, num_classes=train.num_classes)
     return result["top1"]
 
 
@@ -327,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     device = accelerator.device
 
     train, held_out = load_data(config, accelerator)
-    num_classes = num_classes_of(train)
+    num_classes = train.num_classes
     mean, std = channel_statistics(train, config)
     evaluable = config.final_eval and num_classes > 0 and labels_of(held_out) is not None
 
@@ -510,7 +504,7 @@ def end_of_step(progress: TrainingProgress, steps_per_epoch: int, config: TrainC
     if epoch_end and held_out is not None:
         if accelerator.is_main_process:
             record = {"step": progress.step, "epoch": progress.step // steps_per_epoch}
-            if num_classes_of(train) and labels_of(held_out) is not None:
+            if train.num_classes and labels_of(held_out) is not None:
                 record["knn_top1"] = knn_monitor(model.backbone, train, held_out, config, mean, std)
                 bar.write(f"epoch {record['epoch']}: kNN top-1 {record['knn_top1']:.2f}%")
             diagnostics = held_out_diagnostics(model, diagnostic_images, augment, mean, std, config)

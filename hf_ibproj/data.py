@@ -16,6 +16,7 @@ from __future__ import annotations
 import gzip
 import io
 import logging
+import functools
 import math
 import re
 from dataclasses import dataclass
@@ -71,12 +72,16 @@ class ImageData:
 
     @property
     def num_classes(self) -> int:
-        """Number of classes: from the class names, else the largest label + 1, else 0 (no labels)."""
-        if self.class_names is not None:
-            return len(self.class_names)
-        if self.labels is not None and len(self.labels):
-            return int(self.labels.max()) + 1
+        return count_classes(self.labels, self.class_names)
+
+
+def count_classes(labels: torch.Tensor | None, class_names: list[str] | None) -> int:
+    """Number of classes: from the class names, else the largest label + 1, else 0 (no labels)."""
+    if labels is None:
         return 0
+    if class_names is not None:
+        return len(class_names)
+    return int(labels.max()) + 1 if len(labels) else 0
 
 
 # --------------------------------------------------------------------------------------------- selection
@@ -542,10 +547,14 @@ class StreamingImageDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    @property
+    @functools.cached_property
     def labels(self) -> torch.Tensor | None:
-        """Every row's int64 label from the label column alone (no image decoded); None without labels."""
+        """Every row's int64 label from the label column alone (no image decoded, read once); None without labels."""
         return None if self.label_column is None else read_labels(self.dataset, self.label_column)
+
+    @property
+    def num_classes(self) -> int:
+        return count_classes(self.labels, self.class_names)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
         for offset in range(len(self)):

@@ -132,6 +132,20 @@ def test_compare_bottlenecks_choice_verdicts_and_diverged_runs():
     assert "diverged on 1 of 3 seeds" in row and "| 2 |" in row
 
 
+def test_tune_default_smoke(tmp_path):
+    """A candidate is train.py on the carved data, scored on the validation split; a rerun does not redo it."""
+    out, results = tmp_path / "out", tmp_path / "results"
+    output = run_smoke("tune_default.py", "--out", str(out), "--results", str(results))
+    result = json.loads((results / "warmup-0.json").read_text())
+    final_eval = json.loads((out / "warmup-0" / "final_eval.json").read_text())
+    config = (out / "warmup-0" / "config.yaml").read_text()
+    assert "eval_split: validation" in config and "warmup_epochs: 0.0" in config
+    assert result["validation"] == {"linear_top1": final_eval["linear_top1"], "knn_top1": final_eval["knn_top1"]}
+    assert f"| warmup-0 | `--warmup-epochs 0` | {final_eval['linear_top1']:.2f} |" in output
+    again = run_smoke("tune_default.py", "--out", str(out), "--results", str(results))
+    assert "warmup-0: skipped" in again
+
+
 def test_peer_throughput_smoke():
     pytest.importorskip("lightly")
     output = run_smoke("peer_throughput.py")
