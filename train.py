@@ -66,7 +66,9 @@ from hf_ibproj.train_config import RUN_CONFIG, TrainConfig, early_arguments, par
 # BUDGET_TARGET of the budget, and the final evaluation is taken to cost FINAL_EVAL_MARGIN x the random-init one.
 # Measured on the default job (2-core EPYC, 2026-12-01): steps 3-15 ran 7% slower than the rest of the run, and the
 # trained backbone's evaluation took 0.97x the random-init one; a 3/12/0.98/1.15 plan ended at 8.9 of 10 minutes.
-MEASURE_SKIP, MEASURE_STEPS = 10, 20
+# Then three 10/20 runs ended at 548, 557 and 628 s: 20-step windows of this shared CPU vary by +-15% in img/s, so
+# the plan now averages 50 steps (the warm-up, longer than that by default, is not delayed by planning later).
+MEASURE_SKIP, MEASURE_STEPS = 10, 50
 BUDGET_TARGET, FINAL_EVAL_MARGIN, FINAL_SAVE_SECONDS = 0.99, 1.0, 5.0
 STREAMING_EVAL_TRAIN_SAMPLES = 20000  # final_eval_train_samples when streaming and unset
 STATISTICS_SAMPLES = 10000  # images behind the channel mean / std

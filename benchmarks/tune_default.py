@@ -44,15 +44,17 @@ CANDIDATES = {
     # a 0.5-epoch warm-up is a third of a 1.6-epoch run: does a short one help?
     "warmup-0.1": ["--warmup-epochs", "0.1"],
     # lightly's recipe decays 5x harder (5e-4) and is ahead on kNN
-    "warmup-0.1-wd-5e-4": ["--warmup-epochs", "0.1", "--weight-decay", "5e-4"],
+    "wd-5e-4": ["--weight-decay", "5e-4"],
+    # the 0.1-epoch warm-up cost kNN: does a longer one than the preset's help?
+    "warmup-1.0": ["--warmup-epochs", "1.0"],
     # a sharper softmax (SimCLR's CIFAR-10 value is 0.5, lightly's 0.2, small batches like lower)
-    "warmup-0.1-tau-0.1": ["--warmup-epochs", "0.1", "--nt-xent-tau", "0.1"],
+    "tau-0.1": ["--nt-xent-tau", "0.1"],
     # half the learning rate (LARS 1.2 is the preset's; solo-learn uses 0.4 at batch 256)
-    "warmup-0.1-lr-0.6": ["--warmup-epochs", "0.1", "--lr", "0.6"],
+    "lr-0.6": ["--lr", "0.6"],
     # the paper's bottleneck on (PAPER.md section 3: lambda 1e-4 on CIFAR)
-    "warmup-0.1-mi-1e-4": ["--warmup-epochs", "0.1", "--mi-weight", "1e-4"],
+    "mi-1e-4": ["--mi-weight", "1e-4"],
     # twice the width: fewer steps in the same budget
-    "warmup-0.1-width-32": ["--warmup-epochs", "0.1", "--backbone-kwargs", "{channels: [32, 64, 128, 256]}"],
+    "width-32": ["--backbone-kwargs", "{channels: [32, 64, 128, 256]}"],
 }
 SMOKE_CANDIDATES = {"warmup-0": ["--warmup-epochs", "0"]}
 
