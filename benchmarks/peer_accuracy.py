@@ -121,18 +121,25 @@ def run_train_py(settings: Settings, out: Path) -> dict:
     if run_dir.exists():  # an unfinished timed run cannot be continued without distorting its wall time
         print(f"  {run_dir} holds an unfinished run: starting it again")
         shutil.rmtree(run_dir)
-    command = [sys.executable, str(ROOT / "train.py"), "--output-dir", str(run_dir), *settings.train_py_flags]
-    log = out / "train_py.log"
+    command, wall_time = timed_train_py(["--output-dir", str(run_dir), *settings.train_py_flags],
+                                        out / "train_py.log",
+                                        env={**os.environ, "OMP_NUM_THREADS": "1"} if settings.smoke else None)
+    return {"command": command, **read_train_py_records(run_dir, wall_time)}
+
+
+def timed_train_py(arguments: list[str], log: Path, env: dict | None = None) -> tuple[str, float]:
+    """`python train.py ARGUMENTS` in its own process, its output to `log`: the command as a user types it and its
+    wall time from start to exit. A failed run raises with the end of its log."""
+    command = [sys.executable, str(ROOT / "train.py"), *arguments]
     print(f"  {' '.join(command[1:])}  (output: {log})", flush=True)
     started = time.time()
     with log.open("w") as stream:
-        code = subprocess.run(command, cwd=ROOT, stdout=stream, stderr=subprocess.STDOUT,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"} if settings.smoke else None).returncode
+        code = subprocess.run(command, cwd=ROOT, stdout=stream, stderr=subprocess.STDOUT, env=env).returncode
     wall_time = time.time() - started
     if code != 0:
         tail = "".join(log.read_text().splitlines(keepends=True)[-30:])
         raise RuntimeError(f"train.py exited with {code}; the end of {log}:\n{tail}")
-    return {"command": " ".join(["python", *command[1:]]), **read_train_py_records(run_dir, wall_time)}
+    return " ".join(["python", *command[1:]]), wall_time
 
 
 def read_train_py_records(run_dir: Path, wall_time: float) -> dict:

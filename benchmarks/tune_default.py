@@ -20,19 +20,13 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 from compare_bottlenecks import SMOKE_SIZES, SMOKE_TRAIN_SAMPLES, Sizes, carve_dataset
-from peer_accuracy import (
-    SMOKE_MINUTES,
-    SMOKE_TRAIN_PY_FLAGS,
-    machine,
-    read_train_py_records,
-)
+from peer_accuracy import SMOKE_MINUTES, SMOKE_TRAIN_PY_FLAGS, machine, read_train_py_records, timed_train_py
 
 from hf_ibproj.runs import write_json
 
@@ -63,20 +57,13 @@ def run_candidate(name: str, flags: list[str], data: Path, out: Path, base_flags
     """`python train.py` on the carved data with the candidate's flags; its records and validation scores."""
     run_dir = out / name
     shutil.rmtree(run_dir, ignore_errors=True)
-    command = [sys.executable, str(ROOT / "train.py"), "--dataset", str(data), "--eval-split", "validation",
-               "--output-dir", str(run_dir), *base_flags, *flags]
-    log = out / f"{name}.log"
-    started = time.time()
-    with log.open("w") as stream:
-        code = subprocess.run(command, cwd=ROOT, stdout=stream, stderr=subprocess.STDOUT).returncode
-    wall_time = time.time() - started
-    if code != 0:
-        tail = "".join(log.read_text().splitlines(keepends=True)[-30:])
-        raise RuntimeError(f"candidate {name}: train.py exited with {code}; the end of {log}:\n{tail}")
+    started = time.gmtime()
+    command, wall_time = timed_train_py(["--dataset", str(data), "--eval-split", "validation", "--output-dir",
+                                         str(run_dir), *base_flags, *flags], out / f"{name}.log")
     records = read_train_py_records(run_dir, wall_time)
-    return {"name": name, "flags": flags, "command": " ".join(["python", *command[1:]]), "split": "validation",
+    return {"name": name, "flags": flags, "command": command, "split": "validation",
             "validation": records.pop("own_evaluation"), **records, "machine": machine(),
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started))}
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", started)}
 
 
 def format_table(results: list[dict]) -> str:
@@ -103,8 +90,9 @@ def main(argv: list[str] | None = None) -> int:
 
     candidates, minutes, base_flags, sizes, train_samples = CANDIDATES, MINUTES, [], Sizes(), None
     if args.smoke:
-        temp = Path(tempfile.mkdtemp(prefix="tune_smoke_"))
-        args.out, args.results = args.out or temp / "out", args.results or temp / "results"
+        if args.out is None or args.results is None:
+            temp = Path(tempfile.mkdtemp(prefix="tune_smoke_"))
+            args.out, args.results = args.out or temp / "out", args.results or temp / "results"
         candidates, minutes, sizes, train_samples = SMOKE_CANDIDATES, SMOKE_MINUTES, SMOKE_SIZES, SMOKE_TRAIN_SAMPLES
         base_flags = [*SMOKE_TRAIN_PY_FLAGS, "--backbone-kwargs", "{channels: [8, 8, 8, 8]}"]
     unknown = sorted(set(args.candidates or ()) - set(candidates))

@@ -13,10 +13,10 @@ chosen from the label column alone before any image is decoded. Augmentation liv
 
 from __future__ import annotations
 
+import functools
 import gzip
 import io
 import logging
-import functools
 import math
 import re
 from dataclasses import dataclass
