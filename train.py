@@ -63,7 +63,8 @@ from hf_ibproj.runs import (  # noqa: E402
 from hf_ibproj.train_config import RUN_CONFIG, TrainConfig, early_arguments, parse_train_config, read_preset  # noqa: E402
 
 # Time budget: steps timed after MEASURE_SKIP warm-up steps, over MEASURE_STEPS steps; the plan aims at
-# BUDGET_TARGET of the budget, and the final evaluation is taken to cost FINAL_EVAL_MARGIN x the random-init one.
+# BUDGET_TARGET of the budget, and the final evaluation is taken to cost FINAL_EVAL_MARGIN x the random-init one
+# extrapolated to the full splits (`evaluation_estimate`).
 # Measured on the default job (2-core EPYC, 2026-12-01): steps 3-15 ran 7% slower than the rest of the run, and the
 # trained backbone's evaluation took 0.97x the random-init one; a 3/12/0.98/1.15 plan ended at 8.9 of 10 minutes.
 # Then three 10/20 runs ended at 548, 557 and 628 s: 20-step windows of this shared CPU vary by +-15% in img/s, so
@@ -204,16 +205,21 @@ def channel_statistics(train, config: TrainConfig) -> tuple[list[float], list[fl
     return mean.tolist(), std.tolist()
 
 
+def final_train_samples(config: TrainConfig) -> int | None:
+    """Training rows behind the final linear probe and kNN bank (None: all of them)."""
+    return config.final_eval_train_samples or (STREAMING_EVAL_TRAIN_SAMPLES if config.streaming else None)
+
+
 def evaluate(backbone: torch.nn.Module, train, held_out, mean: list[float], std: list[float], config: TrainConfig,
-             name: str) -> dict:
-    """Linear probe + kNN of the frozen backbone (hf_ibproj.evaluation), with the time of each phase."""
+             name: str, train_samples: int | None, eval_samples: int | None) -> dict:
+    """Linear probe + kNN of the frozen backbone (hf_ibproj.evaluation) on stratified subsets of `train_samples`
+    and `eval_samples` rows (None: all), with the time of each phase."""
     print(f"evaluating the {name} backbone (linear probe + kNN)", flush=True)
     started = time.perf_counter()
-    cap = config.final_eval_train_samples or (STREAMING_EVAL_TRAIN_SAMPLES if config.streaming else None)
-    train_features, train_labels = features_of(backbone, train, subset(train, cap, config.seed), mean, std, config,
-                                               progress=True)
-    test_features, test_labels = features_of(backbone, held_out, subset(held_out, None, config.seed), mean, std,
-                                             config, progress=True)
+    train_features, train_labels = features_of(backbone, train, subset(train, train_samples, config.seed), mean, std,
+                                               config, progress=True)
+    test_features, test_labels = features_of(backbone, held_out, subset(held_out, eval_samples, config.seed), mean,
+                                             std, config, progress=True)
     extraction = round(time.perf_counter() - started, 2)
     result = evaluate_features(train_features, train_labels, test_features, test_labels,
                                class_names=train.class_names, seed=config.seed)
@@ -268,21 +274,29 @@ def plan_length(config: TrainConfig, steps_per_epoch: int) -> tuple[int, bool]:
     return steps_per_epoch * 1000, False  # provisional: only the warm-up runs before the budget is planned
 
 
-def fix_budget(progress: TrainingProgress, config: TrainConfig, step_seconds: float, random_init: dict | None,
-               steps_per_epoch: int, accelerator: Accelerator, run_dir: Path) -> None:
-    """Fix the step count so that training, the kNN monitors and the final phase end within the time budget.
+def evaluation_estimate(random_init: dict | None, num_train: int, num_test: int) -> tuple[float, float]:
+    """(final phase, one kNN monitor) in seconds, from the random-init evaluation (same architecture and images).
 
-    The final evaluation is taken to cost FINAL_EVAL_MARGIN x the random-init one (same architecture and data), a
-    kNN monitor its share of that feature extraction. The main process decides; every process follows.
+    That evaluation runs on the kNN monitor's subsets, so a monitor costs its extraction, kNN and label-free
+    diagnostics; the final evaluation on `num_train` / `num_test` rows is extrapolated from it: extraction
+    scales with the images, the L-BFGS probe with the training rows, kNN with their product.
     """
-    final_seconds, knn_seconds = FINAL_SAVE_SECONDS, 0.0
-    if random_init is not None:
-        seconds = random_init["seconds"]
-        final_seconds += FINAL_EVAL_MARGIN * sum(seconds.values())  # the trained backbone's evaluation, likewise
-        monitored = min(config.knn_train_samples, random_init["num_train"]) + min(config.knn_eval_samples,
-                                                                                  random_init["num_test"])
-        knn_seconds = seconds["feature_extraction"] * monitored / (random_init["num_train"] + random_init["num_test"])
-        knn_seconds += seconds.get("label_free", 0.0)  # the held-out diagnostics run beside every kNN monitor
+    if random_init is None:
+        return FINAL_SAVE_SECONDS, 0.0
+    seconds, rows_train, rows_test = random_init["seconds"], random_init["num_train"], random_init["num_test"]
+    label_free = seconds.get("label_free", 0.0)
+    final = (seconds["feature_extraction"] * (num_train + num_test) / (rows_train + rows_test)
+             + seconds["linear_probe"] * num_train / rows_train
+             + seconds["knn"] * num_train * num_test / (rows_train * rows_test) + label_free)
+    monitor = seconds["feature_extraction"] + seconds["knn"] + label_free
+    return FINAL_SAVE_SECONDS + FINAL_EVAL_MARGIN * final, monitor
+
+
+def fix_budget(progress: TrainingProgress, config: TrainConfig, step_seconds: float, estimate: tuple[float, float],
+               steps_per_epoch: int, accelerator: Accelerator, run_dir: Path) -> None:
+    """Fix the step count so that training, the kNN monitors and the final phase (`estimate`: their seconds, from
+    `evaluation_estimate`) end within the time budget. The main process decides; every process follows."""
+    final_seconds, knn_seconds = estimate
     elapsed = time.time() - PROCESS_START
     available = config.time_budget * 60 * BUDGET_TARGET - elapsed - final_seconds
     steps = 0
@@ -370,19 +384,23 @@ def main(argv: list[str] | None = None) -> int:
         accelerator.init_trackers("ibproj", config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
                                                     for k, v in resolved.items()})
 
-    # The random-init floor is the run's own initial backbone (same seed); evaluated first, its time sizes the
-    # final evaluation's share of a time budget.
+    # The random-init floor is the run's own initial backbone (same seed), evaluated first on the kNN monitor's
+    # subsets (a sixth of the full evaluation's cost on Fashion-MNIST); its times size the final evaluation's and
+    # the monitors' shares of a time budget.
     random_init_file = run_dir / "random_init_eval.json"
     diagnostic_images = (images_of(held_out, subset(held_out, DIAGNOSTIC_SAMPLES, config.seed), config)
                          if held_out is not None and accelerator.is_main_process else None)
     if evaluable and accelerator.is_main_process and not random_init_file.is_file():
-        result = evaluate(unwrapped.backbone, train, held_out, mean, std, config, "random-init")
+        result = evaluate(unwrapped.backbone, train, held_out, mean, std, config, "random-init",
+                          config.knn_train_samples, config.knn_eval_samples)
         started = time.perf_counter()
         result["label_free"] = held_out_diagnostics(unwrapped, diagnostic_images, augment, mean, std, config)
         result["seconds"]["label_free"] = round(time.perf_counter() - started, 2)
         write_json(random_init_file, result)
     accelerator.wait_for_everyone()
     random_init = json.loads(random_init_file.read_text()) if random_init_file.is_file() else None
+    estimate = evaluation_estimate(random_init, min(final_train_samples(config) or len(train), len(train)),
+                                   len(held_out) if held_out is not None else 0)
 
     scheduler = make_scheduler(optimizer, progress)
     phases = {"training_start_s": round(time.time() - PROCESS_START, 1)}  # seconds since the process started
@@ -410,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
                     measured_from = time.perf_counter()
                 if not progress.planned and progress.step == MEASURE_SKIP + MEASURE_STEPS:
                     step_seconds = (time.perf_counter() - measured_from) / MEASURE_STEPS
-                    fix_budget(progress, config, step_seconds, random_init, steps_per_epoch, accelerator, run_dir)
+                    fix_budget(progress, config, step_seconds, estimate, steps_per_epoch, accelerator, run_dir)
                     scheduler = make_scheduler(optimizer, progress)
                     bar.total = progress.total_steps
                 if progress.step % config.log_every == 0 or diagnose:
@@ -562,7 +580,8 @@ def finish_run(config: TrainConfig, model: IBProjModel, run_dir: Path, metrics: 
     plot_information_plane(metrics.read(), run_dir / "information_plane.png",
                            title=f"{config.objective} on {config.dataset}")
     if evaluable:
-        trained = evaluate(model.backbone, train, held_out, mean, std, config, "trained")
+        trained = evaluate(model.backbone, train, held_out, mean, std, config, "trained", final_train_samples(config),
+                           None)
         started = time.perf_counter()
         trained["label_free"] = held_out_diagnostics(model, diagnostic_images, augment, mean, std, config)
         trained["seconds"]["label_free"] = round(time.perf_counter() - started, 2)
@@ -573,7 +592,8 @@ def finish_run(config: TrainConfig, model: IBProjModel, run_dir: Path, metrics: 
             "trained": trained, "random_init": random_init,
         })
         print(f"\nFrozen-backbone evaluation on {config.dataset} ({config.eval_split} split):")
-        print(format_table({"trained": trained, "random-init": random_init}))
+        print(format_table({f"{name} ({result['num_train']:,} / {result['num_test']:,} images)": result
+                            for name, result in (("trained", trained), ("random-init", random_init))}))
     phases["evaluation_end_s"] = round(time.time() - PROCESS_START, 1)
     update_run_info(run_dir, wall_time_s=phases["evaluation_end_s"], total_steps=progress.total_steps,
                     skipped_images=progress.skipped_images, phases=phases)  # before the export: the card shows it

@@ -209,13 +209,21 @@ def test_one_optimizer_step_per_training_step(train_module, tiny_dataset, tmp_pa
     assert len(calls) == 8 and len(set(calls)) == 1  # 128 images / 16 per step, one optimizer
 
 
+def test_evaluation_estimate_extrapolates_the_random_init_evaluation_to_the_full_splits(train_module):
+    random_init = {"seconds": {"feature_extraction": 6.0, "linear_probe": 2.0, "knn": 0.5, "label_free": 1.0},
+                   "num_train": 1000, "num_test": 200}
+    final, monitor = train_module.evaluation_estimate(random_init, num_train=6000, num_test=1000)
+    # 7000 of 1200 images extracted, a probe on 6x the rows, kNN on 6 x 5 = 30x the pairs, the same 1000 diagnostics
+    assert final == pytest.approx(train_module.FINAL_SAVE_SECONDS
+                                  + train_module.FINAL_EVAL_MARGIN * (6.0 * 7000 / 1200 + 2.0 * 6 + 0.5 * 30 + 1.0))
+    assert monitor == pytest.approx(6.0 + 0.5 + 1.0)  # the random-init evaluation ran on the monitor's subsets
+    assert train_module.evaluation_estimate(None, 6000, 1000) == (train_module.FINAL_SAVE_SECONDS, 0.0)
+
+
 def test_time_budget_plan_fills_the_budget_with_a_fake_clock(train_module, monkeypatch):
-    config = train_module.TrainConfig(time_budget=2.0, knn_train_samples=1000, knn_eval_samples=100,
-                                      batch_size=256)
+    config = train_module.TrainConfig(time_budget=2.0, batch_size=256)
     progress = train_module.TrainingProgress(10**6, 50, planned=False)
     progress.step = 30
-    random_init = {"seconds": {"feature_extraction": 10.0, "linear_probe": 6.0, "knn": 1.0},
-                   "num_train": 9000, "num_test": 1000}
     monkeypatch.setattr(train_module, "PROCESS_START", 1000.0)
     monkeypatch.setattr(train_module.time, "time", lambda: 1030.0)  # 30 s since the process started
 
@@ -223,11 +231,10 @@ def test_time_budget_plan_fills_the_budget_with_a_fake_clock(train_module, monke
         num_processes, is_main_process = 1, False
 
     monkeypatch.setattr(train_module, "broadcast_object_list", lambda values: values)
-    train_module.fix_budget(progress, config, 0.25, random_init, 40, OneProcess(), None)
-    # closed form: 0.99 * 120 s - 30 s elapsed - (5 + 1.0 * 17) s final = 66.8 s; each epoch end costs the kNN
-    # monitor's share of the extraction, 10 s * 1100 / 10000 = 1.1 s; 0.25 s per step, 40 steps per epoch
-    final = 5 + 1.0 * 17
-    available = 0.99 * 120 - 30 - final
+    train_module.fix_budget(progress, config, 0.25, (22.0, 1.1), 40, OneProcess(), None)
+    # closed form: 0.99 * 120 s - 30 s elapsed - 22 s final = 66.8 s; each epoch end costs a 1.1 s kNN monitor;
+    # 0.25 s per step, 40 steps per epoch
+    available = 0.99 * 120 - 30 - 22.0
     steps = int(available / 0.25)
     for _ in range(3):
         epoch_ends = (30 + steps) // 40 - 30 // 40
@@ -248,7 +255,8 @@ def test_time_budget_run_records_its_plan_and_resume_keeps_it(train_module, tiny
     assert plan["planned_at_step"] == train_module.MEASURE_SKIP + train_module.MEASURE_STEPS
     assert plan["step_s"] > 0 and plan["final_phase_s"] > 5
     assert info["total_steps"] == plan["total_steps"] >= plan["planned_at_step"] + 10  # more epochs fit the minute
-    assert json.loads((out / "final_eval.json").read_text())["random_init"]["num_test"] == 64
+    final = json.loads((out / "final_eval.json").read_text())
+    assert final["trained"]["num_test"] == 64 and final["random_init"]["num_test"] == 32  # the kNN monitor's subset
     checkpoints = sorted(int(p.name.split("_")[1]) for p in (out / "checkpoints").iterdir())
     assert checkpoints[-1] == plan["total_steps"]
     card = ModelCard.load(out / "backbone" / "README.md").text
