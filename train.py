@@ -348,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
     augment = TwoViewAugmentation(config.augmentation_preset, config.image_size, config.channels, mean, std,
-                                  num_views=config.num_views).to(device)
+                                  num_views=config.num_views, crop_min_scale=config.crop_min_scale).to(device)
     probe = torch.nn.Linear(model.num_features, max(num_classes, 1))
     set_seed(config.seed, device_specific=True)  # from here on, a different augmentation stream on each process
 

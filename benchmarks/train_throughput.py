@@ -43,7 +43,8 @@ def main() -> None:
     optimizer = create_optimizer_v2(model, config.optimizer, lr=0.1, weight_decay=config.weight_decay,
                                     trust_coeff=config.lars_eta, trust_clip=True)
     augment = TwoViewAugmentation(config.augmentation_preset, config.image_size, config.channels,
-                                  model.config.image_mean, model.config.image_std, num_views=config.num_views)
+                                  model.config.image_mean, model.config.image_std, num_views=config.num_views,
+                                  crop_min_scale=config.crop_min_scale)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.resolve_mixed_precision(torch.device("cpu")) == "bf16")
     batches = [torch.randint(0, len(data), (config.batch_size,)) for _ in range(args.steps)]
 

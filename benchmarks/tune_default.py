@@ -35,6 +35,12 @@ MINUTES = 10.0
 # name -> train.py flags on top of the preset. What each asks (the preset trains ~1.6 epochs in its budget):
 CANDIDATES = {
     "preset": [],
+    # lightly's SimCLRProjectionHead has BatchNorm in its hidden layer (the paper's SimCLR projector has none)
+    "projector-bn": ["--projector-batch-norm", "true"],
+    # lightly's optimizer and schedule: SGD lr 0.06, momentum 0.9, wd 5e-4, no warm-up
+    "sgd": ["--optimizer", "sgd", "--lr", "0.06", "--weight-decay", "5e-4", "--warmup-epochs", "0"],
+    # a weaker crop: 0.08 of a 28-px image is an 8-px patch
+    "crop-0.2": ["--crop-min-scale", "0.2"],
     # a 0.5-epoch warm-up is a third of a 1.6-epoch run: does a short one help?
     "warmup-0.1": ["--warmup-epochs", "0.1"],
     # lightly's recipe decays 5x harder (5e-4) and is ahead on kNN

@@ -19,6 +19,8 @@ PRESETS = ("simclr", "barlow_twins")
 
 # Solarize threshold 128 on 8-bit images (PAPER.md section 6), on images scaled to [0, 1].
 SOLARIZE_THRESHOLD = 128 / 255
+# Smallest area fraction of the random resized crop (PAPER.md section 6; SimCLR, lightly and solo-learn use it too).
+CROP_MIN_SCALE = 0.08
 # Barlow Twins solarizes the second view (and any later one) with this probability, never the first.
 BARLOW_SOLARIZE_P = 0.2
 
@@ -51,7 +53,7 @@ def blur_kernel_size(image_size: int) -> int:
     return max(3, int(0.1 * image_size) // 2 * 2 + 1)
 
 
-def _shared_view_pipeline(preset: str, image_size: int, channels: int) -> nn.Sequential:
+def _shared_view_pipeline(preset: str, image_size: int, channels: int, crop_min_scale: float) -> nn.Sequential:
     """The part of the recipe every view shares (PAPER.md section 6), with per-sample random parameters.
 
     With one channel only brightness and contrast jitter apply: saturation, hue and grayscale need colour.
@@ -64,7 +66,7 @@ def _shared_view_pipeline(preset: str, image_size: int, channels: int) -> nn.Seq
     ops: list[nn.Module] = [
         # "resample" crops the whole batch with one warp; kornia's default "slice" mode resizes sample by sample.
         K.RandomResizedCrop(
-            (image_size, image_size), scale=(0.08, 1.0), resample="bicubic", cropping_mode="resample"
+            (image_size, image_size), scale=(crop_min_scale, 1.0), resample="bicubic", cropping_mode="resample"
         ),
         K.RandomHorizontalFlip(p=0.5),
         K.ColorJitter(brightness, contrast, saturation if colour else 0.0, hue if colour else 0.0, p=0.8),
@@ -84,6 +86,7 @@ class TwoViewAugmentation(nn.Module):
                     grayscale p=0.2, Gaussian blur p=0.5 (sigma 0.1-2, kernel ~10% of the side).
       barlow_twins  asymmetric: crop 0.08-1, flip 0.5, ColorJitter(0.4, 0.4, 0.2, 0.1) p=0.8, grayscale
                     p=0.2; solarize (threshold 128/255) p=0 on the first view, p=0.2 on every later view.
+    `crop_min_scale` (default 0.08) is the crop's smallest area fraction: larger is a weaker augmentation.
     Every sample of every view draws its own parameters (the views are stacked into one batch of B*V).
     Input: uint8 in [0, 255] or float in [0, 1]; any spatial size (the random crop resizes to `image_size`).
     """
@@ -96,6 +99,7 @@ class TwoViewAugmentation(nn.Module):
         mean: Sequence[float],
         std: Sequence[float],
         num_views: int = 2,
+        crop_min_scale: float = CROP_MIN_SCALE,
     ) -> None:
         super().__init__()
         if preset not in PRESETS:
@@ -106,8 +110,10 @@ class TwoViewAugmentation(nn.Module):
             raise ValueError(f"image_size must be a positive integer, got {image_size}")
         if num_views < 2:
             raise ValueError(f"num_views must be at least 2 for contrastive views, got {num_views}")
+        if not 0 < crop_min_scale <= 1:
+            raise ValueError(f"crop_min_scale must be in (0, 1], got {crop_min_scale}")
         self.preset, self.image_size, self.channels, self.num_views = preset, image_size, channels, num_views
-        self.shared = _shared_view_pipeline(preset, image_size, channels)
+        self.shared = _shared_view_pipeline(preset, image_size, channels, crop_min_scale)
         # Applied to views 1.. only, so the first view is never solarized (Barlow Twins' asymmetry).
         self.later_views = (
             K.RandomSolarize(thresholds=(SOLARIZE_THRESHOLD, SOLARIZE_THRESHOLD), additions=0.0, p=BARLOW_SOLARIZE_P)

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import yaml
 from .arguments import ArgumentParser
+from .augmentation import CROP_MIN_SCALE
 from .configuration_ibproj import IBProjConfig
 from .resources import CONFIG_DIR  # the presets, in the installed package or the source checkout
 from .runs import has_native_bf16
@@ -100,6 +101,8 @@ class TrainConfig(ModelSettings):
     streaming: bool = _arg(False, "decode per sample in DataLoader workers (datasets that do not fit in memory)")
     num_workers: int = _arg(2, "DataLoader workers per process (streaming)")
     augmentation: str | None = _arg(None, "augmentation recipe, simclr or barlow_twins (default: the objective's)")
+    crop_min_scale: float = _arg(CROP_MIN_SCALE, "smallest area fraction of the random resized crop (PAPER.md "
+                                                 "section 6); larger is a weaker augmentation")
     # optimization
     max_steps: int | None = _arg(None, "optimizer steps to train (wins over --epochs and --time-budget)")
     epochs: int | None = _arg(None, f"epochs to train (wins over --time-budget; {DEFAULT_EPOCHS} when no length "
@@ -154,6 +157,8 @@ class TrainConfig(ModelSettings):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name}={value!r} is invalid; it must be a positive integer.")
+        if not 0 < self.crop_min_scale <= 1:
+            raise ValueError(f"crop_min_scale={self.crop_min_scale!r} is invalid; it must be in (0, 1].")
         for name in ("lr", "time_budget", "online_probe_lr"):
             value = getattr(self, name)
             if value is not None and value <= 0:

@@ -121,3 +121,21 @@ def test_bad_arguments_are_named():
         TwoViewAugmentation("simclr", 32, 1, MEAN3, (0.5,))
     with pytest.raises(ValueError, match=r"expected a batch of shape \(B, 3, H, W\)"):
         _augmentation("simclr")(torch.zeros(2, 1, 16, 16, dtype=torch.uint8))
+
+
+@pytest.mark.parametrize("crop_min_scale", [0.08, 0.5])
+def test_crops_cover_at_least_crop_min_scale_of_the_image(crop_min_scale):
+    torch.manual_seed(0)
+    aug = TwoViewAugmentation("simclr", 16, 1, (0.3,), (0.2,), crop_min_scale=crop_min_scale)
+    aug(_noise_batch(500, 1, 40))
+    corners = aug.shared[0]._params["src"]  # kornia's crop boxes (x, y corners, inclusive) of all 1000 views
+    width = corners[:, 1, 0] - corners[:, 0, 0] + 1
+    height = corners[:, 2, 1] - corners[:, 1, 1] + 1
+    area = width * height / 40**2
+    assert area.min() >= crop_min_scale - 0.02  # integer box edges round the drawn area by < 2 px per side
+    assert area.max() <= 1.0 and area.quantile(0.1) < crop_min_scale + 0.1  # the small end of the range is drawn
+
+
+def test_crop_min_scale_out_of_range_is_named():
+    with pytest.raises(ValueError, match="crop_min_scale"):
+        TwoViewAugmentation("simclr", 16, 1, (0.3,), (0.2,), crop_min_scale=0.0)
