@@ -22,6 +22,6 @@ train: $(STAMP) fashion-mnist
 	$(PY) train.py
 
 test: $(STAMP) fashion-mnist
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 tests
 
 .PHONY: install train test fashion-mnist

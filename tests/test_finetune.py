@@ -7,7 +7,6 @@ import json
 import os
 import runpy
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -260,17 +259,11 @@ def test_help_shows_one_flag_style_with_defaults(capsys, monkeypatch):
     assert "(default: linear)" in shown and "(default: 128)" in shown
 
 
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def test_two_process_gloo_run_completes(color_dataset, backbone_folder, tmp_path):
+def test_two_process_gloo_run_completes(color_dataset, backbone_folder, tmp_path, free_port):
     out = tmp_path / "ddp"
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                "--main_process_port", str(free_port())]
+                "--main_process_port", str(free_port)]
     command = [*launcher, "-m", "hf_ibproj.finetune", "--model", str(backbone_folder), "--dataset",
                str(color_dataset), "--mode", "linear", "--output-dir", str(out), "--epochs", "1", "--batch-size", "16",
                "--num-workers", "0", "--mixed-precision", "no"]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import socket
 from unittest.mock import patch
 
 import pytest
@@ -170,17 +169,11 @@ def _worker(rank: int, port: int, result_file: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_two_processes_equal_one_process_on_the_whole_batch(tmp_path):
+def test_two_processes_equal_one_process_on_the_whole_batch(tmp_path, free_port):
     """Losses, parameter gradients and per-sample input gradients of both objectives (and of the model) across two
     gloo processes equal one process on the global batch; a gradient-less collective would be caught."""
     result_file = str(tmp_path / "distributed.pt")
-    mp.start_processes(_worker, args=(_free_port(), result_file), nprocs=WORLD_SIZE, join=True, start_method="spawn")
+    mp.start_processes(_worker, args=(free_port, result_file), nprocs=WORLD_SIZE, join=True, start_method="spawn")
     results = torch.load(result_file)
     x, linear, model, images = _data()
     single = _losses_and_grads(x, linear, model, images, slice(None), gather=False)
