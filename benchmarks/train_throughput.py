@@ -44,7 +44,7 @@ def main() -> None:
                                     trust_coeff=config.lars_eta, trust_clip=True)
     augment = TwoViewAugmentation(config.augmentation_preset, config.image_size, config.channels,
                                   model.config.image_mean, model.config.image_std, num_views=config.num_views,
-                                  crop_min_scale=config.crop_min_scale)
+                                  crop_min_scale=config.crop_min_scale, blur_kernel_size=config.blur_kernel_size)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.resolve_mixed_precision(torch.device("cpu")) == "bf16")
     batches = [torch.randint(0, len(data), (config.batch_size,)) for _ in range(args.steps)]
 

@@ -48,12 +48,13 @@ def to_model_input(images: torch.Tensor, mean: Sequence[float], std: Sequence[fl
     return (to_float_images(images) - mean_t) / std_t
 
 
-def blur_kernel_size(image_size: int) -> int:
+def default_blur_kernel_size(image_size: int) -> int:
     """Odd Gaussian-blur kernel of about 10% of the image side, at least 3 (SimCLR: 23 px at 224 px)."""
     return max(3, int(0.1 * image_size) // 2 * 2 + 1)
 
 
-def _shared_view_pipeline(preset: str, image_size: int, channels: int, crop_min_scale: float) -> nn.Sequential:
+def _shared_view_pipeline(preset: str, image_size: int, channels: int, crop_min_scale: float,
+                          blur_kernel: int) -> nn.Sequential:
     """The part of the recipe every view shares (PAPER.md section 6), with per-sample random parameters.
 
     With one channel only brightness and contrast jitter apply: saturation, hue and grayscale need colour.
@@ -74,7 +75,7 @@ def _shared_view_pipeline(preset: str, image_size: int, channels: int, crop_min_
     if colour:
         ops.append(K.RandomGrayscale(p=0.2))
     if preset == "simclr":
-        ops.append(K.RandomGaussianBlur(blur_kernel_size(image_size), sigma=(0.1, 2.0), p=0.5))
+        ops.append(K.RandomGaussianBlur(blur_kernel, sigma=(0.1, 2.0), p=0.5))
     return nn.Sequential(*ops)
 
 
@@ -87,6 +88,8 @@ class TwoViewAugmentation(nn.Module):
       barlow_twins  asymmetric: crop 0.08-1, flip 0.5, ColorJitter(0.4, 0.4, 0.2, 0.1) p=0.8, grayscale
                     p=0.2; solarize (threshold 128/255) p=0 on the first view, p=0.2 on every later view.
     `crop_min_scale` (default 0.08) is the crop's smallest area fraction: larger is a weaker augmentation.
+    `blur_kernel_size` (odd; default `default_blur_kernel_size(image_size)`) bounds the blur: a 3-px kernel
+    cuts sigma 2 to a 3x3 box, while 13 px (2 x 3 sigma + 1) blurs as PIL's GaussianBlur (lightly's) does.
     Every sample of every view draws its own parameters (the views are stacked into one batch of B*V).
     Input: uint8 in [0, 255] or float in [0, 1]; any spatial size (the random crop resizes to `image_size`).
     """
@@ -100,6 +103,7 @@ class TwoViewAugmentation(nn.Module):
         std: Sequence[float],
         num_views: int = 2,
         crop_min_scale: float = CROP_MIN_SCALE,
+        blur_kernel_size: int | None = None,
     ) -> None:
         super().__init__()
         if preset not in PRESETS:
@@ -112,8 +116,11 @@ class TwoViewAugmentation(nn.Module):
             raise ValueError(f"num_views must be at least 2 for contrastive views, got {num_views}")
         if not 0 < crop_min_scale <= 1:
             raise ValueError(f"crop_min_scale must be in (0, 1], got {crop_min_scale}")
+        if blur_kernel_size is not None and (blur_kernel_size < 3 or blur_kernel_size % 2 == 0):
+            raise ValueError(f"blur_kernel_size must be an odd integer >= 3, got {blur_kernel_size}")
         self.preset, self.image_size, self.channels, self.num_views = preset, image_size, channels, num_views
-        self.shared = _shared_view_pipeline(preset, image_size, channels, crop_min_scale)
+        self.shared = _shared_view_pipeline(preset, image_size, channels, crop_min_scale,
+                                            blur_kernel_size or default_blur_kernel_size(image_size))
         # Applied to views 1.. only, so the first view is never solarized (Barlow Twins' asymmetry).
         self.later_views = (
             K.RandomSolarize(thresholds=(SOLARIZE_THRESHOLD, SOLARIZE_THRESHOLD), additions=0.0, p=BARLOW_SOLARIZE_P)

@@ -103,6 +103,8 @@ class TrainConfig(ModelSettings):
     augmentation: str | None = _arg(None, "augmentation recipe, simclr or barlow_twins (default: the objective's)")
     crop_min_scale: float = _arg(CROP_MIN_SCALE, "smallest area fraction of the random resized crop (PAPER.md "
                                                  "section 6); larger is a weaker augmentation")
+    blur_kernel_size: int | None = _arg(None, "Gaussian-blur kernel of the simclr recipe, odd (default: ~10% of "
+                                              "the image side, at least 3); sigma is drawn in 0.1-2 px")
     # optimization
     max_steps: int | None = _arg(None, "optimizer steps to train (wins over --epochs and --time-budget)")
     epochs: int | None = _arg(None, f"epochs to train (wins over --time-budget; {DEFAULT_EPOCHS} when no length "
@@ -133,7 +135,8 @@ class TrainConfig(ModelSettings):
     checkpoint_every: int = _arg(500, "checkpoint every N steps; one is also written at every epoch end")
     keep_checkpoints: int = _arg(2, "checkpoints kept (the newest)")
     output_dir: str | None = _arg(None, "the run folder (default: runs/OBJECTIVE-TIMESTAMP)")
-    final_eval: bool = _arg(True, "linear probe and kNN of the trained and a random-init backbone at the end")
+    final_eval: bool = _arg(True, "linear probe and kNN of the trained backbone at the end, and of the random-init "
+                                  "one (on the kNN monitor's subsets) at the start")
     export_backbone: bool = _arg(True, "export the backbone as a timm / transformers Hub folder at the end")
     push_to_hub: str | None = _arg(None, "Hub repo id to push the exported backbone and its card to")
     hub_strategy: str = _arg("end", "end: push when the run ends; checkpoint: also push every checkpoint "
@@ -159,6 +162,8 @@ class TrainConfig(ModelSettings):
                 raise ValueError(f"{name}={value!r} is invalid; it must be a positive integer.")
         if not 0 < self.crop_min_scale <= 1:
             raise ValueError(f"crop_min_scale={self.crop_min_scale!r} is invalid; it must be in (0, 1].")
+        if self.blur_kernel_size is not None and (self.blur_kernel_size < 3 or self.blur_kernel_size % 2 == 0):
+            raise ValueError(f"blur_kernel_size={self.blur_kernel_size!r} is invalid; it must be an odd integer >= 3.")
         for name in ("lr", "time_budget", "online_probe_lr"):
             value = getattr(self, name)
             if value is not None and value <= 0:

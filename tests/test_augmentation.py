@@ -4,7 +4,7 @@ determinism, normalization against closed forms, Barlow Twins' solarization asym
 import pytest
 import torch
 
-from hf_ibproj.augmentation import TwoViewAugmentation, blur_kernel_size, to_model_input
+from hf_ibproj.augmentation import TwoViewAugmentation, default_blur_kernel_size, to_model_input
 
 MEAN3, STD3 = (0.2, 0.4, 0.6), (0.5, 0.25, 0.1)
 
@@ -111,7 +111,7 @@ def test_barlow_twins_solarizes_later_views_only_with_p_0_2():
 
 @pytest.mark.parametrize(("image_size", "kernel"), [(8, 3), (28, 3), (32, 3), (64, 7), (96, 9), (224, 23)])
 def test_blur_kernel_is_odd_and_about_a_tenth_of_the_image(image_size, kernel):
-    assert blur_kernel_size(image_size) == kernel
+    assert default_blur_kernel_size(image_size) == kernel
 
 
 def test_bad_arguments_are_named():
@@ -139,3 +139,21 @@ def test_crops_cover_at_least_crop_min_scale_of_the_image(crop_min_scale):
 def test_crop_min_scale_out_of_range_is_named():
     with pytest.raises(ValueError, match="crop_min_scale"):
         TwoViewAugmentation("simclr", 16, 1, (0.3,), (0.2,), crop_min_scale=0.0)
+
+
+@pytest.mark.parametrize("kernel", [3, 13])
+def test_blur_spreads_a_point_over_blur_kernel_size_pixels(kernel):
+    torch.manual_seed(0)
+    blur = TwoViewAugmentation("simclr", 31, 1, (0.3,), (0.2,), blur_kernel_size=kernel).shared[-1]
+    blur.p = 1.0  # every sample blurred (the recipe blurs half of them)
+    point = torch.zeros(64, 1, 31, 31)
+    point[:, :, 15, 15] = 1.0
+    reached = (blur(point) > 1e-6).any(dim=0)[0]
+    rows, cols = reached.nonzero().unbind(1)
+    radius = (kernel - 1) // 2  # a separable kernel of that size reaches exactly this far, and no further
+    assert rows.min() == cols.min() == 15 - radius and rows.max() == cols.max() == 15 + radius
+
+
+def test_blur_kernel_size_must_be_odd():
+    with pytest.raises(ValueError, match="blur_kernel_size"):
+        TwoViewAugmentation("simclr", 16, 1, (0.3,), (0.2,), blur_kernel_size=4)
