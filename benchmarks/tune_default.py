@@ -41,6 +41,8 @@ CANDIDATES = {
     "sgd": ["--optimizer", "sgd", "--lr", "0.06", "--weight-decay", "5e-4", "--warmup-epochs", "0"],
     # a weaker crop: 0.08 of a 28-px image is an 8-px patch
     "crop-0.2": ["--crop-min-scale", "0.2"],
+    # lightly's blur strength on top of the round's winner: PIL blurs sigma 2 fully, a 3-px kernel cuts it to a box
+    "projector-bn-blur-13": ["--projector-batch-norm", "true", "--blur-kernel-size", "13"],
     # a 0.5-epoch warm-up is a third of a 1.6-epoch run: does a short one help?
     "warmup-0.1": ["--warmup-epochs", "0.1"],
     # lightly's recipe decays 5x harder (5e-4) and is ahead on kNN
