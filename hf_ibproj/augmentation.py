@@ -48,6 +48,13 @@ def to_model_input(images: torch.Tensor, mean: Sequence[float], std: Sequence[fl
     return (to_float_images(images) - mean_t) / std_t
 
 
+def check_blur_kernel_size(kernel: int, image_size: int) -> None:
+    """A ValueError naming blur_kernel_size unless it is odd, >= 3 and padded (reflect) within the image."""
+    if kernel < 3 or kernel % 2 == 0 or kernel // 2 >= image_size:
+        raise ValueError(f"blur_kernel_size={kernel!r} is invalid; it must be an odd integer >= 3 and below twice "
+                         f"the image size ({image_size}).")
+
+
 def default_blur_kernel_size(image_size: int) -> int:
     """Odd Gaussian-blur kernel of about 10% of the image side, at least 3 (SimCLR: 23 px at 224 px)."""
     return max(3, int(0.1 * image_size) // 2 * 2 + 1)
@@ -116,8 +123,8 @@ class TwoViewAugmentation(nn.Module):
             raise ValueError(f"num_views must be at least 2 for contrastive views, got {num_views}")
         if not 0 < crop_min_scale <= 1:
             raise ValueError(f"crop_min_scale must be in (0, 1], got {crop_min_scale}")
-        if blur_kernel_size is not None and (blur_kernel_size < 3 or blur_kernel_size % 2 == 0):
-            raise ValueError(f"blur_kernel_size must be an odd integer >= 3, got {blur_kernel_size}")
+        if blur_kernel_size is not None:
+            check_blur_kernel_size(blur_kernel_size, image_size)
         self.preset, self.image_size, self.channels, self.num_views = preset, image_size, channels, num_views
         self.shared = _shared_view_pipeline(preset, image_size, channels, crop_min_scale,
                                             blur_kernel_size or default_blur_kernel_size(image_size))

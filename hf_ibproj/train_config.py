@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import yaml
 from .arguments import ArgumentParser
-from .augmentation import CROP_MIN_SCALE
+from .augmentation import CROP_MIN_SCALE, check_blur_kernel_size
 from .configuration_ibproj import IBProjConfig
 from .resources import CONFIG_DIR  # the presets, in the installed package or the source checkout
 from .runs import has_native_bf16
@@ -103,8 +103,8 @@ class TrainConfig(ModelSettings):
     augmentation: str | None = _arg(None, "augmentation recipe, simclr or barlow_twins (default: the objective's)")
     crop_min_scale: float = _arg(CROP_MIN_SCALE, "smallest area fraction of the random resized crop (PAPER.md "
                                                  "section 6); larger is a weaker augmentation")
-    blur_kernel_size: int | None = _arg(None, "Gaussian-blur kernel of the simclr recipe, odd (default: ~10% of "
-                                              "the image side, at least 3); sigma is drawn in 0.1-2 px")
+    blur_kernel_size: int | None = _arg(None, "Gaussian-blur kernel of the simclr recipe (barlow_twins has no blur), "
+                                              "odd (default: ~10% of the image side, at least 3); sigma 0.1-2 px")
     # optimization
     max_steps: int | None = _arg(None, "optimizer steps to train (wins over --epochs and --time-budget)")
     epochs: int | None = _arg(None, f"epochs to train (wins over --time-budget; {DEFAULT_EPOCHS} when no length "
@@ -128,8 +128,10 @@ class TrainConfig(ModelSettings):
     diagnostics_every: int = _arg(50, "log the information-plane quantities (PAPER.md section 5) every N steps")
     online_probe_lr: float = _arg(0.1, "learning rate of the online linear probe on detached encoder features "
                                        "(a parameter group without weight decay or LARS adaptation)")
-    knn_train_samples: int = _arg(10000, "memory bank of the per-epoch kNN monitor (stratified)")
-    knn_eval_samples: int = _arg(2000, "held-out queries of the per-epoch kNN monitor (stratified)")
+    knn_train_samples: int = _arg(10000, "memory bank of the per-epoch kNN monitor and the random-init floor "
+                                         "(stratified)")
+    knn_eval_samples: int = _arg(2000, "held-out queries of the per-epoch kNN monitor and the random-init floor "
+                                       "(stratified)")
     tracker: str = _arg("tensorboard", "accelerate tracker (tensorboard, wandb, ...) or none")
     # checkpoints and outputs
     checkpoint_every: int = _arg(500, "checkpoint every N steps; one is also written at every epoch end")
@@ -162,8 +164,8 @@ class TrainConfig(ModelSettings):
                 raise ValueError(f"{name}={value!r} is invalid; it must be a positive integer.")
         if not 0 < self.crop_min_scale <= 1:
             raise ValueError(f"crop_min_scale={self.crop_min_scale!r} is invalid; it must be in (0, 1].")
-        if self.blur_kernel_size is not None and (self.blur_kernel_size < 3 or self.blur_kernel_size % 2 == 0):
-            raise ValueError(f"blur_kernel_size={self.blur_kernel_size!r} is invalid; it must be an odd integer >= 3.")
+        if self.blur_kernel_size is not None:
+            check_blur_kernel_size(self.blur_kernel_size, self.image_size)
         for name in ("lr", "time_budget", "online_probe_lr"):
             value = getattr(self, name)
             if value is not None and value <= 0:

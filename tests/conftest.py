@@ -14,7 +14,7 @@ import socket
 import pytest
 
 if os.environ.get("PYTEST_XDIST_WORKER"):  # set by xdist in each worker before this file is imported
-    os.environ["OMP_NUM_THREADS"] = "1"  # read by torch at import, here and in every subprocess
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # read by torch at import, here and in every subprocess
 
 
 @pytest.fixture

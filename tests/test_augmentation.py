@@ -133,7 +133,7 @@ def test_crops_cover_at_least_crop_min_scale_of_the_image(crop_min_scale):
     height = corners[:, 2, 1] - corners[:, 1, 1] + 1
     area = width * height / 40**2
     assert area.min() >= crop_min_scale - 0.02  # integer box edges round the drawn area by < 2 px per side
-    assert area.max() <= 1.0 and area.quantile(0.1) < crop_min_scale + 0.1  # the small end of the range is drawn
+    assert area.max() <= 1.0 and area.quantile(0.1) < crop_min_scale + 0.15  # the small end of the range is drawn
 
 
 def test_crop_min_scale_out_of_range_is_named():
@@ -154,6 +154,7 @@ def test_blur_spreads_a_point_over_blur_kernel_size_pixels(kernel):
     assert rows.min() == cols.min() == 15 - radius and rows.max() == cols.max() == 15 + radius
 
 
-def test_blur_kernel_size_must_be_odd():
+@pytest.mark.parametrize("kernel", [4, 1, 33])
+def test_blur_kernel_size_must_be_odd_and_fit_the_image(kernel):
     with pytest.raises(ValueError, match="blur_kernel_size"):
-        TwoViewAugmentation("simclr", 16, 1, (0.3,), (0.2,), blur_kernel_size=4)
+        TwoViewAugmentation("simclr", 16, 1, (0.3,), (0.2,), blur_kernel_size=kernel)

@@ -163,7 +163,8 @@ def test_resume_refuses_flags_that_change_the_run(train_module, one_epoch_run, t
     out = one_epoch_run
     stored = (out / "config.yaml").read_bytes()
     for flags, named in ((["--objective", "barlow_twins"], "--objective"), (["--lr", "0.5"], "--lr"),
-                         (["--dataset", "fashion_mnist"], "--dataset"), (["--epochs", "5"], "--epochs")):
+                         (["--dataset", "fashion_mnist"], "--dataset"), (["--epochs", "5"], "--epochs"),
+                         (["--crop-min-scale", "0.5"], "--crop-min-scale")):
         with pytest.raises(ValueError, match=f"{named} .*would change"):
             train_module.main(["--output-dir", str(out), "--resume", *flags])
     with pytest.raises(ValueError, match="drop --config"):
@@ -217,13 +218,16 @@ def test_one_optimizer_step_per_training_step(train_module, tiny_dataset, tmp_pa
 def test_evaluation_estimate_extrapolates_the_random_init_evaluation_to_the_full_splits(train_module):
     random_init = {"seconds": {"feature_extraction": 6.0, "linear_probe": 2.0, "knn": 0.5, "label_free": 1.0},
                    "num_train": 1000, "num_test": 200}
-    final, monitor = train_module.evaluation_estimate(random_init, num_train=6000, num_test=1000)
+    margin = train_module.FINAL_EVAL_MARGIN
+    final, monitor = train_module.evaluation_estimate(random_init, (6000, 1000), (1000, 200))
     # 7000 of 1200 images extracted, a probe on 6x the rows, kNN on 6 x 5 = 30x the pairs, the same 1000 diagnostics
-    assert final == pytest.approx(train_module.FINAL_SAVE_SECONDS
-                                  + train_module.FINAL_EVAL_MARGIN * (6.0 * 7000 / 1200 + 2.0 * 6 + 0.5 * 30 + 1.0))
-    # the random-init evaluation ran on the monitor's subsets
-    assert monitor == pytest.approx(train_module.FINAL_EVAL_MARGIN * (6.0 + 0.5 + 1.0))
-    assert train_module.evaluation_estimate(None, 6000, 1000) == (train_module.FINAL_SAVE_SECONDS, 0.0)
+    assert final == pytest.approx(train_module.FINAL_SAVE_SECONDS + margin * (6.0 * 7000 / 1200 + 2.0 * 6 + 0.5 * 30
+                                                                             + 1.0))
+    assert monitor == pytest.approx(margin * (6.0 + 0.5 + 1.0))  # the floor ran on the monitor's subsets: no probe
+    # a floor stored with other sizes (an older run folder: the full splits) is scaled down to the monitor's
+    _, monitor = train_module.evaluation_estimate(random_init, (1000, 200), (500, 100))
+    assert monitor == pytest.approx(margin * (6.0 * 600 / 1200 + 0.5 * 0.25 + 1.0))
+    assert train_module.evaluation_estimate(None, (6000, 1000), (1000, 200)) == (train_module.FINAL_SAVE_SECONDS, 0.0)
 
 
 def test_time_budget_plan_fills_the_budget_with_a_fake_clock(train_module, monkeypatch):
@@ -253,7 +257,7 @@ def test_time_budget_run_records_its_plan_and_resume_keeps_it(train_module, tiny
     from huggingface_hub import ModelCard
 
     out = tmp_path / "budget"
-    run_train(["--dataset", str(tiny_dataset), "--time-budget", "0.5", "--checkpoint-every", "4",
+    run_train(["--dataset", str(tiny_dataset), "--time-budget", "1", "--checkpoint-every", "4",
                "--keep-checkpoints", "1000", "--tracker", "none", "--output-dir", str(out), *TINY,
                "--warmup-epochs", "4"])
     info = json.loads((out / "run_info.json").read_text())
@@ -266,7 +270,7 @@ def test_time_budget_run_records_its_plan_and_resume_keeps_it(train_module, tiny
     checkpoints = sorted(int(p.name.split("_")[1]) for p in (out / "checkpoints").iterdir())
     assert checkpoints[-1] == plan["total_steps"]
     card = ModelCard.load(out / "backbone" / "README.md").text
-    assert f"{plan['total_steps']} steps" in card and "0.5-minute time budget" in card
+    assert f"{plan['total_steps']} steps" in card and "1-minute time budget" in card
 
     # As if killed after the plan: a resumed run continues to the planned step count, it does not plan again.
     later = [step for step in checkpoints if step > plan["planned_at_step"]]
