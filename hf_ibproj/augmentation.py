@@ -48,6 +48,12 @@ def to_model_input(images: torch.Tensor, mean: Sequence[float], std: Sequence[fl
     return (to_float_images(images) - mean_t) / std_t
 
 
+def check_crop_min_scale(scale: float) -> None:
+    """A ValueError naming crop_min_scale unless it is an area fraction in (0, 1]."""
+    if not 0 < scale <= 1:
+        raise ValueError(f"crop_min_scale={scale!r} is invalid; it must be in (0, 1].")
+
+
 def check_blur_kernel_size(kernel: int, image_size: int) -> None:
     """A ValueError naming blur_kernel_size unless it is odd, >= 3 and padded (reflect) within the image."""
     if kernel < 3 or kernel % 2 == 0 or kernel // 2 >= image_size:
@@ -121,8 +127,7 @@ class TwoViewAugmentation(nn.Module):
             raise ValueError(f"image_size must be a positive integer, got {image_size}")
         if num_views < 2:
             raise ValueError(f"num_views must be at least 2 for contrastive views, got {num_views}")
-        if not 0 < crop_min_scale <= 1:
-            raise ValueError(f"crop_min_scale must be in (0, 1], got {crop_min_scale}")
+        check_crop_min_scale(crop_min_scale)
         if blur_kernel_size is not None:
             check_blur_kernel_size(blur_kernel_size, image_size)
         self.preset, self.image_size, self.channels, self.num_views = preset, image_size, channels, num_views

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import yaml
 from .arguments import ArgumentParser
-from .augmentation import CROP_MIN_SCALE, check_blur_kernel_size
+from .augmentation import CROP_MIN_SCALE, check_blur_kernel_size, check_crop_min_scale
 from .configuration_ibproj import IBProjConfig
 from .resources import CONFIG_DIR  # the presets, in the installed package or the source checkout
 from .runs import has_native_bf16
@@ -162,8 +162,7 @@ class TrainConfig(ModelSettings):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name}={value!r} is invalid; it must be a positive integer.")
-        if not 0 < self.crop_min_scale <= 1:
-            raise ValueError(f"crop_min_scale={self.crop_min_scale!r} is invalid; it must be in (0, 1].")
+        check_crop_min_scale(self.crop_min_scale)
         if self.blur_kernel_size is not None:
             check_blur_kernel_size(self.blur_kernel_size, self.image_size)
         for name in ("lr", "time_budget", "online_probe_lr"):
