@@ -9,7 +9,8 @@ One Accelerate loop: data -> two-view augmentation on the device -> IBProjModel 
 -> SSL loss + MI penalty; an online linear probe on detached encoder features, a kNN monitor every epoch,
 the information-plane diagnostics of PAPER.md section 5, atomic checkpoints, and a run folder holding the
 resolved config, seed, versions, metrics, plot, final model, exported backbone and final evaluation.
-With `--time-budget MINUTES` the run measures its own step time and fixes its step count to end on time.
+With `--time-budget MINUTES` the run measures its own step time and fixes its step count to end on time, then
+corrects that count once halfway, from the longer measurement and the kNN monitor's measured cost.
 """
 
 from __future__ import annotations
@@ -64,12 +65,14 @@ from hf_ibproj.train_config import RUN_CONFIG, TrainConfig, early_arguments, par
 
 # Time budget: steps timed after MEASURE_SKIP warm-up steps, over MEASURE_STEPS steps; the plan aims at
 # BUDGET_TARGET of the budget, and the final evaluation is taken to cost FINAL_EVAL_MARGIN x the random-init one
-# extrapolated to the full splits (`evaluation_estimate`).
+# extrapolated to the full splits (`evaluation_estimate`). Halfway through the planned steps the step count is
+# corrected once (`revise_budget`): the step time over every step since MEASURE_SKIP, and, once a kNN monitor has run,
+# in place of the margin the ratio of its measured cost to its extrapolation (the trained backbone, warm caches).
 # Measured on the default job (2-core EPYC, 2026-12-01): 20-step windows of this shared CPU vary by +-15% in img/s,
-# so the plan averages 50 steps (the warm-up, longer than that by default, is not delayed by planning later). The
-# trained backbone's full-split evaluation took 0.60-0.71x the extrapolated random-init one in four 10-minute runs
-# (feature extraction alone 0.71-0.81x: the random-init backbone extracts slower per image, as it did on the full
-# splits, 0.65-0.84x), so the margin is 0.7.
+# so the plan averages 50 steps (the warm-up, longer than that by default, is not delayed by planning later); the
+# steps after it still ran 2% faster or 3% slower. The trained backbone's full-split evaluation took 0.60-0.87x the
+# extrapolated random-init one (feature extraction alone 0.65-0.93x: the random-init backbone, evaluated first,
+# extracts slower per image), so the margin is 0.7.
 MEASURE_SKIP, MEASURE_STEPS = 10, 50
 BUDGET_TARGET, FINAL_EVAL_MARGIN, FINAL_SAVE_SECONDS = 0.99, 0.7, 5.0
 STREAMING_EVAL_TRAIN_SAMPLES = 20000  # final_eval_train_samples when streaming and unset
@@ -275,14 +278,14 @@ def plan_length(config: TrainConfig, steps_per_epoch: int) -> tuple[int, bool]:
     return steps_per_epoch * 1000, False  # provisional: only the warm-up runs before the budget is planned
 
 
-def evaluation_estimate(random_init: dict | None, final_rows: tuple[int, int],
-                        monitor_rows: tuple[int, int]) -> tuple[float, float]:
+def evaluation_estimate(random_init: dict | None, final_rows: tuple[int, int], monitor_rows: tuple[int, int],
+                        ratio: float = FINAL_EVAL_MARGIN) -> tuple[float, float]:
     """(final phase, one kNN monitor) in seconds, from the random-init evaluation (same architecture and images).
 
     That evaluation runs on the kNN monitor's subsets; its times are extrapolated to (train, held-out) row counts,
     `final_rows` for the final evaluation and `monitor_rows` for a monitor (a ratio of 1 unless the stored floor
     has other sizes): extraction scales with the images, the L-BFGS probe with the training rows, kNN with their
-    product; the label-free diagnostics use the same images every time. Both are taken at FINAL_EVAL_MARGIN: the
+    product; the label-free diagnostics use the same images every time. Both are taken at `ratio` of that: the
     trained backbone's evaluation runs faster than the random-init one.
     """
     if random_init is None:
@@ -294,14 +297,26 @@ def evaluation_estimate(random_init: dict | None, final_rows: tuple[int, int],
                 + (seconds["linear_probe"] * num_train / rows_train if probe else 0.0)
                 + seconds["knn"] * num_train * num_test / (rows_train * rows_test) + seconds.get("label_free", 0.0))
 
-    return (FINAL_SAVE_SECONDS + FINAL_EVAL_MARGIN * scaled(*final_rows, probe=True),
-            FINAL_EVAL_MARGIN * scaled(*monitor_rows, probe=False))
+    return (FINAL_SAVE_SECONDS + ratio * scaled(*final_rows, probe=True), ratio * scaled(*monitor_rows, probe=False))
+
+
+def revised_estimate(random_init: dict | None, final_rows: tuple[int, int], monitor_rows: tuple[int, int],
+                     monitor_seconds: float) -> tuple[float, float, float | None]:
+    """(final phase, one kNN monitor, ratio) in seconds once a monitor has run: the monitor as measured, the final
+    phase extrapolated at the ratio of the measured monitor to its extrapolation (None without a random-init floor:
+    the final phase is then only the saving)."""
+    if random_init is None:
+        return FINAL_SAVE_SECONDS, monitor_seconds, None
+    ratio = monitor_seconds / evaluation_estimate(random_init, final_rows, monitor_rows, ratio=1.0)[1]
+    return evaluation_estimate(random_init, final_rows, monitor_rows, ratio)[0], monitor_seconds, ratio
 
 
 def fix_budget(progress: TrainingProgress, config: TrainConfig, step_seconds: float, estimate: tuple[float, float],
-               steps_per_epoch: int, accelerator: Accelerator, run_dir: Path) -> None:
+               steps_per_epoch: int, accelerator: Accelerator, run_dir: Path, record: str = "plan",
+               **details) -> None:
     """Fix the step count so that training, the kNN monitors and the final phase (`estimate`: their seconds, from
-    `evaluation_estimate`) end within the time budget. The main process decides; every process follows."""
+    `evaluation_estimate`) end within the time budget; never below the current step. The main process decides;
+    every process follows. The plan goes into run_info.json under `record`, with `details`."""
     final_seconds, knn_seconds = estimate
     elapsed = time.time() - PROCESS_START
     available = config.time_budget * 60 * BUDGET_TARGET - elapsed - final_seconds
@@ -314,14 +329,29 @@ def fix_budget(progress: TrainingProgress, config: TrainConfig, step_seconds: fl
         "epochs": round((progress.step + steps) / steps_per_epoch, 2), "step_s": round(step_seconds, 4),
         "img_per_s": round(config.batch_size * accelerator.num_processes / step_seconds, 1),
         "knn_monitor_s": round(knn_seconds, 2), "final_phase_s": round(final_seconds, 1),
-        "elapsed_at_plan_s": round(elapsed, 1),
+        "elapsed_at_plan_s": round(elapsed, 1), **details,
     }])[0]
     progress.total_steps, progress.planned = plan["total_steps"], True
     progress.warmup_steps = min(progress.warmup_steps, progress.total_steps)
     if accelerator.is_main_process:
-        update_run_info(run_dir, plan=plan)
-        print(f"time budget: {plan['total_steps']} steps ({plan['epochs']} epochs) at {plan['img_per_s']:.0f} img/s, "
+        update_run_info(run_dir, **{record: plan})
+        print(f"time budget{' revised' if record != 'plan' else ''}: {plan['total_steps']} steps "
+              f"({plan['epochs']} epochs) at {plan['img_per_s']:.0f} img/s, "
               f"{plan['final_phase_s']:.0f} s kept for the final evaluation")
+
+
+def revise_budget(progress: TrainingProgress, config: TrainConfig, step_seconds: float,
+                  estimate: tuple[float, float, float | None], steps_per_epoch: int, accelerator: Accelerator,
+                  run_dir: Path) -> None:
+    """The one correction of a time budget's plan, halfway through its steps (run_info.json's `plan_revision`):
+    `step_seconds` over every step since MEASURE_SKIP less the monitors, `estimate` from `revised_estimate` on the
+    latest monitor (the plan's own before any). A resumed run does not revise."""
+    final_seconds, knn_seconds, ratio = estimate
+    details = {"planned_total_steps": progress.total_steps}
+    if ratio is not None:
+        details["evaluation_ratio"] = round(ratio, 3)
+    fix_budget(progress, config, step_seconds, (final_seconds, knn_seconds), steps_per_epoch, accelerator, run_dir,
+               record="plan_revision", **details)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -407,16 +437,18 @@ def main(argv: list[str] | None = None) -> int:
     accelerator.wait_for_everyone()
     random_init = json.loads(random_init_file.read_text()) if random_init_file.is_file() else None
     num_held_out = len(held_out) if held_out is not None else 0
-    estimate = evaluation_estimate(
-        random_init, (min(final_train_samples(config) or len(train), len(train)), num_held_out),
-        (min(config.knn_train_samples, len(train)), min(config.knn_eval_samples, num_held_out)))
+    final_rows = (min(final_train_samples(config) or len(train), len(train)), num_held_out)
+    monitor_rows = (min(config.knn_train_samples, len(train)), min(config.knn_eval_samples, num_held_out))
+    estimate = evaluation_estimate(random_init, final_rows, monitor_rows)
 
     scheduler = make_scheduler(optimizer, progress)
     phases = {"training_start_s": round(time.time() - PROCESS_START, 1)}  # seconds since the process started
     bar = tqdm(total=progress.total_steps, initial=progress.step, disable=not accelerator.is_main_process,
                desc="pretrain")
     window = {"start": time.perf_counter(), "images": 0, "probe_hits": 0, "probe_seen": 0}
-    measured_from = None
+    # The step time is measured from step MEASURE_SKIP, less the epoch-end monitors' `monitored` seconds (the last
+    # one took `monitor_seconds`). A resumed run neither plans nor revises: its plan is in the checkpoint.
+    measured_from, monitored, monitor_seconds, revise_at = None, 0.0, None, None
     model.train()
     try:
         while progress.step < progress.total_steps:
@@ -436,14 +468,25 @@ def main(argv: list[str] | None = None) -> int:
                 if not progress.planned and progress.step == MEASURE_SKIP:
                     measured_from = time.perf_counter()
                 if not progress.planned and progress.step == MEASURE_SKIP + MEASURE_STEPS:
-                    step_seconds = (time.perf_counter() - measured_from) / MEASURE_STEPS
+                    step_seconds = (time.perf_counter() - measured_from - monitored) / MEASURE_STEPS
                     fix_budget(progress, config, step_seconds, estimate, steps_per_epoch, accelerator, run_dir)
-                    scheduler = make_scheduler(optimizer, progress)
-                    bar.total = progress.total_steps
+                    scheduler, bar.total = make_scheduler(optimizer, progress), progress.total_steps
+                    revise_at = (progress.step + progress.total_steps) // 2
                 if progress.step % config.log_every == 0 or diagnose:
                     log_step(output, diagnose, progress, steps_per_epoch, scheduler, window, accelerator, metrics, bar)
-                end_of_step(progress, steps_per_epoch, config, accelerator, unwrapped, train, held_out, mean, std,
-                            metrics, bar, run_dir, diagnostic_images, augment)
+                if progress.step % steps_per_epoch == 0 and held_out is not None:
+                    started = time.perf_counter()
+                    epoch_monitor(progress, steps_per_epoch, config, accelerator, unwrapped, train, held_out, mean,
+                                  std, metrics, bar, diagnostic_images, augment)
+                    monitor_seconds = time.perf_counter() - started
+                    monitored += monitor_seconds if measured_from is not None else 0.0
+                if progress.step == revise_at and progress.step < progress.total_steps:
+                    step_seconds = (time.perf_counter() - measured_from - monitored) / (progress.step - MEASURE_SKIP)
+                    revision = (estimate + (None,) if monitor_seconds is None else
+                                revised_estimate(random_init, final_rows, monitor_rows, monitor_seconds))
+                    revise_budget(progress, config, step_seconds, revision, steps_per_epoch, accelerator, run_dir)
+                    scheduler, bar.total = make_scheduler(optimizer, progress), progress.total_steps
+                checkpoint_if_due(progress, steps_per_epoch, config, accelerator, unwrapped, run_dir, bar)
                 if progress.step >= progress.total_steps:
                     break
     except NonFiniteLossError as error:
@@ -524,23 +567,26 @@ def log_step(output, diagnose: bool, progress: TrainingProgress, steps_per_epoch
         bar.set_postfix(loss=f"{record['loss']:.3f}", img_s=f"{record['img_per_s']:.0f}")
 
 
-def end_of_step(progress: TrainingProgress, steps_per_epoch: int, config: TrainConfig, accelerator: Accelerator,
-                model: IBProjModel, train, held_out, mean, std, metrics: MetricsLog, bar, run_dir: Path,
-                diagnostic_images: torch.Tensor | None, augment) -> None:
-    """At an epoch end the kNN monitor and the held-out label-free diagnostics; at an epoch end, every
-    `checkpoint_every` steps and at the last step a checkpoint (and its push)."""
+def epoch_monitor(progress: TrainingProgress, steps_per_epoch: int, config: TrainConfig, accelerator: Accelerator,
+                  model: IBProjModel, train, held_out, mean, std, metrics: MetricsLog, bar,
+                  diagnostic_images: torch.Tensor | None, augment) -> None:
+    """At an epoch end: the kNN monitor (labelled held-out split) and the held-out label-free diagnostics."""
+    if accelerator.is_main_process:
+        record = {"step": progress.step, "epoch": progress.step // steps_per_epoch}
+        if train.num_classes and labels_of(held_out) is not None:
+            record["knn_top1"] = knn_monitor(model.backbone, train, held_out, config, mean, std)
+            bar.write(f"epoch {record['epoch']}: kNN top-1 {record['knn_top1']:.2f}%")
+        diagnostics = held_out_diagnostics(model, diagnostic_images, augment, mean, std, config)
+        record.update({f"heldout/{key}": value for key, value in diagnostics.items()})
+        accelerator.log(record, step=progress.step)
+        metrics.append(record)
+    accelerator.wait_for_everyone()
+
+
+def checkpoint_if_due(progress: TrainingProgress, steps_per_epoch: int, config: TrainConfig,
+                      accelerator: Accelerator, model: IBProjModel, run_dir: Path, bar) -> None:
+    """A checkpoint (and its push) at an epoch end, every `checkpoint_every` steps and at the last step."""
     epoch_end = progress.step % steps_per_epoch == 0
-    if epoch_end and held_out is not None:
-        if accelerator.is_main_process:
-            record = {"step": progress.step, "epoch": progress.step // steps_per_epoch}
-            if train.num_classes and labels_of(held_out) is not None:
-                record["knn_top1"] = knn_monitor(model.backbone, train, held_out, config, mean, std)
-                bar.write(f"epoch {record['epoch']}: kNN top-1 {record['knn_top1']:.2f}%")
-            diagnostics = held_out_diagnostics(model, diagnostic_images, augment, mean, std, config)
-            record.update({f"heldout/{key}": value for key, value in diagnostics.items()})
-            accelerator.log(record, step=progress.step)
-            metrics.append(record)
-        accelerator.wait_for_everyone()
     if epoch_end or progress.step % config.checkpoint_every == 0 or progress.step >= progress.total_steps:
         checkpoint = save_checkpoint(accelerator, run_dir, progress.step, config.keep_checkpoints,
                                      model_config=model.config)

@@ -1,7 +1,7 @@
 """The default job's recipe tuned on a validation split carved from the training split (never on the test split).
 
     python benchmarks/tune_default.py                         # every candidate, ~10.5 min each on 2 CPU cores
-    python benchmarks/tune_default.py --candidates preset warmup-0.1
+    python benchmarks/tune_default.py --candidates preset warmup-0.1 --seeds 0 1
     python benchmarks/tune_default.py --report-only           # the table from the committed results
     python benchmarks/tune_default.py --report-only --results benchmarks/tune_results/round2
     python benchmarks/tune_default.py --smoke                 # seconds, for CI
@@ -12,8 +12,9 @@ own final evaluation (hf_ibproj.evaluation: linear probe and kNN fit on those 50
 once (seeded, class-stratified) exactly as benchmarks/compare_bottlenecks.py carves them. Every candidate gets the
 same wall-clock budget, so a wider or slower recipe pays for itself in fewer steps, as it would in the default job.
 
-Resumable: each finished candidate writes RESULTS/NAME.json (small, committed) and is not run again; a candidate
-cut short starts afresh (a timed run cannot be continued without distorting its budget).
+Resumable: each finished candidate and seed writes RESULTS/NAME.json (seed 0) or RESULTS/NAME-seedS.json (small,
+committed) and is not run again; a run cut short starts afresh (a timed run cannot be continued without distorting its
+budget). The table gives each candidate's mean over its seeds, and the seeds' scores.
 """
 
 from __future__ import annotations
@@ -59,30 +60,54 @@ CANDIDATES = {
     "mi-1e-4": ["--mi-weight", "1e-4"],
     # twice the width: fewer steps in the same budget
     "width-32": ["--backbone-kwargs", "{channels: [32, 64, 128, 256]}"],
+    # half the batch: twice the optimizer steps in the same budget (the lr scales with the batch, PAPER.md section 6)
+    "batch-128": ["--batch-size", "128"],
+    # a softer softmax than the preset's 0.2
+    "tau-0.3": ["--nt-xent-tau", "0.3"],
 }
 SMOKE_CANDIDATES = {"warmup-0": ["--warmup-epochs", "0"]}
 
 
-def run_candidate(name: str, flags: list[str], data: Path, out: Path, base_flags: list[str]) -> dict:
-    """`python train.py` on the carved data with the candidate's flags; its records and validation scores."""
-    run_dir = out / name
+def result_name(name: str, seed: int) -> str:
+    """A candidate's run and result name at a seed: seed 0 keeps the bare name (round 2's records)."""
+    return name if seed == 0 else f"{name}-seed{seed}"
+
+
+def run_candidate(name: str, flags: list[str], seed: int, data: Path, out: Path, base_flags: list[str]) -> dict:
+    """`python train.py` on the carved data with the candidate's flags and seed; its records and validation scores."""
+    run_dir = out / result_name(name, seed)
     shutil.rmtree(run_dir, ignore_errors=True)
     started = time.gmtime()
     command, wall_time = timed_train_py(["--dataset", str(data), "--eval-split", "validation", "--output-dir",
-                                         str(run_dir), *base_flags, *flags], out / f"{name}.log")
+                                         str(run_dir), "--seed", str(seed), *base_flags, *flags],
+                                        out / f"{run_dir.name}.log")
     records = read_train_py_records(run_dir, wall_time)
-    return {"name": name, "flags": flags, "command": command, "split": "validation",
+    return {"name": name, "seed": seed, "flags": flags, "command": command, "split": "validation",
             "validation": records.pop("own_evaluation"), **records, "machine": machine(),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", started)}
 
 
+def joined(runs: list[dict], key: str, spec: str) -> str:
+    """Each seed's `key`, formatted with `spec`, joined by slashes."""
+    return "/".join(spec.format(r[key]) for r in runs)
+
+
 def format_table(results: list[dict]) -> str:
-    lines = ["| candidate | flags | val linear top-1 | val kNN top-1 | steps | epochs | img/s | wall s |",
-             "|---|---|---|---|---|---|---|---|"]
+    """One row per candidate: the mean over its seeds of each score, then each seed's (seed: linear / kNN)."""
+    lines = ["| candidate | flags | seeds | val linear top-1 | val kNN top-1 | per seed: linear / kNN | steps | img/s | wall s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    by_name: dict[str, list[dict]] = {}
     for r in results:
-        lines.append(f"| {r['name']} | `{' '.join(r['flags']) or '(preset)'}` | {r['validation']['linear_top1']:.2f} "
-                     f"| {r['validation']['knn_top1']:.2f} | {r['steps']} | {r['epochs']:.2f} | {r['img_per_s']:.1f} "
-                     f"| {r['wall_time_s']:.0f} |")
+        by_name.setdefault(r["name"], []).append(r)
+    for name, runs in by_name.items():
+        runs.sort(key=lambda r: r.get("seed", 0))
+        mean = {key: sum(r["validation"][key] for r in runs) / len(runs) for key in ("linear_top1", "knn_top1")}
+        per_seed = ", ".join(f"{r.get('seed', 0)}: {r['validation']['linear_top1']:.2f} / "
+                             f"{r['validation']['knn_top1']:.2f}" for r in runs)
+        lines.append(f"| {name} | `{' '.join(runs[0]['flags']) or '(preset)'}` | {len(runs)} "
+                     f"| {mean['linear_top1']:.2f} | {mean['knn_top1']:.2f} | {per_seed} "
+                     f"| {joined(runs, 'steps', '{}')} | {joined(runs, 'img_per_s', '{:.0f}')} "
+                     f"| {joined(runs, 'wall_time_s', '{:.0f}')} |")
     return "\n".join(lines)
 
 
@@ -90,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--candidates", nargs="+", default=None, help=f"which to run (default: all, in order): "
                         f"{', '.join(CANDIDATES)}")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0], help="train.py --seed of each run "
+                        "(default: 0)")
     parser.add_argument("--out", type=Path, default=None, help="run folders and the carved data "
                         "(default: benchmarks/out/tune_default)")
     parser.add_argument("--results", type=Path, default=None, help="one JSON per finished candidate, committed "
@@ -116,16 +143,18 @@ def main(argv: list[str] | None = None) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
         data = carve_dataset(args.out / "data", train_samples, sizes)
         for name in args.candidates or candidates:
-            path = args.results / f"{name}.json"
-            if path.is_file():
-                print(f"{name}: skipped (done: {path})", flush=True)
-                continue
-            print(f"{name}: {' '.join(candidates[name]) or '(preset)'}, {minutes:g} min", flush=True)
-            result = run_candidate(name, candidates[name], data, args.out,
-                                   ["--time-budget", str(minutes), *base_flags])
-            write_json(path, result)
-            print(f"{name}: validation linear {result['validation']['linear_top1']:.2f}, "
-                  f"kNN {result['validation']['knn_top1']:.2f} ({result['wall_time_s']:.0f} s)", flush=True)
+            for seed in args.seeds:
+                run = result_name(name, seed)
+                path = args.results / f"{run}.json"
+                if path.is_file():
+                    print(f"{run}: skipped (done: {path})", flush=True)
+                    continue
+                print(f"{run}: {' '.join(candidates[name]) or '(preset)'}, seed {seed}, {minutes:g} min", flush=True)
+                result = run_candidate(name, candidates[name], seed, data, args.out,
+                                       ["--time-budget", str(minutes), *base_flags])
+                write_json(path, result)
+                print(f"{run}: validation linear {result['validation']['linear_top1']:.2f}, "
+                      f"kNN {result['validation']['knn_top1']:.2f} ({result['wall_time_s']:.0f} s)", flush=True)
     results = [json.loads(path.read_text()) for path in sorted(args.results.glob("*.json"))]
     order = list(candidates)
     results.sort(key=lambda r: order.index(r["name"]) if r["name"] in order else len(order))

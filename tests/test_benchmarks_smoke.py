@@ -133,17 +133,24 @@ def test_compare_bottlenecks_choice_verdicts_and_diverged_runs():
 
 
 def test_tune_default_smoke(tmp_path):
-    """A candidate is train.py on the carved data, scored on the validation split; a rerun does not redo it."""
+    """A candidate is train.py on the carved data at each seed, scored on the validation split; the table gives the
+    mean over the seeds; a rerun does not redo a finished seed."""
     out, results = tmp_path / "out", tmp_path / "results"
-    output = run_smoke("tune_default.py", "--out", str(out), "--results", str(results))
-    result = json.loads((results / "warmup-0.json").read_text())
-    final_eval = json.loads((out / "warmup-0" / "final_eval.json").read_text())
-    config = (out / "warmup-0" / "config.yaml").read_text()
-    assert "eval_split: validation" in config and "warmup_epochs: 0.0" in config
-    assert result["validation"] == {"linear_top1": final_eval["linear_top1"], "knn_top1": final_eval["knn_top1"]}
-    assert f"| warmup-0 | `--warmup-epochs 0` | {final_eval['linear_top1']:.2f} |" in output
-    again = run_smoke("tune_default.py", "--out", str(out), "--results", str(results))
-    assert "warmup-0: skipped" in again
+    output = run_smoke("tune_default.py", "--out", str(out), "--results", str(results), "--seeds", "0", "1")
+    scores = []
+    for run in ("warmup-0", "warmup-0-seed1"):
+        result = json.loads((results / f"{run}.json").read_text())
+        final_eval = json.loads((out / run / "final_eval.json").read_text())
+        config = (out / run / "config.yaml").read_text()
+        assert "eval_split: validation" in config and "warmup_epochs: 0.0" in config
+        assert f"seed: {result['seed']}" in config
+        assert result["validation"] == {"linear_top1": final_eval["linear_top1"], "knn_top1": final_eval["knn_top1"]}
+        scores.append((final_eval["linear_top1"], final_eval["knn_top1"]))
+    (linear0, knn0), (linear1, knn1) = scores
+    assert (f"| warmup-0 | `--warmup-epochs 0` | 2 | {(linear0 + linear1) / 2:.2f} | {(knn0 + knn1) / 2:.2f} "
+            f"| 0: {linear0:.2f} / {knn0:.2f}, 1: {linear1:.2f} / {knn1:.2f} |") in output
+    again = run_smoke("tune_default.py", "--out", str(out), "--results", str(results), "--seeds", "0", "1")
+    assert "warmup-0: skipped" in again and "warmup-0-seed1: skipped" in again
 
 
 def test_peer_throughput_smoke():

@@ -230,6 +230,19 @@ def test_evaluation_estimate_extrapolates_the_random_init_evaluation_to_the_full
     assert train_module.evaluation_estimate(None, (6000, 1000), (1000, 200)) == (train_module.FINAL_SAVE_SECONDS, 0.0)
 
 
+def test_revised_estimate_takes_the_measured_monitor_in_place_of_the_margin(train_module):
+    random_init = {"seconds": {"feature_extraction": 6.0, "linear_probe": 2.0, "knn": 0.5, "label_free": 1.0},
+                   "num_train": 1000, "num_test": 200}
+    # the monitor extrapolates to 6 + 0.5 + 1 = 7.5 s at ratio 1 and took 3 s: the final phase is taken at 3 / 7.5
+    final, monitor, ratio = train_module.revised_estimate(random_init, (6000, 1000), (1000, 200), 3.0)
+    assert ratio == pytest.approx(0.4) and monitor == 3.0
+    assert final == pytest.approx(train_module.FINAL_SAVE_SECONDS + 0.4 * (6.0 * 7000 / 1200 + 2.0 * 6 + 0.5 * 30
+                                                                          + 1.0))
+    # no floor (--no-final-eval): the monitors as measured, the final phase only the saving
+    assert train_module.revised_estimate(None, (6000, 1000), (1000, 200), 3.0) == (
+        train_module.FINAL_SAVE_SECONDS, 3.0, None)
+
+
 def test_time_budget_plan_fills_the_budget_with_a_fake_clock(train_module, monkeypatch):
     config = train_module.TrainConfig(time_budget=2.0, batch_size=256)
     progress = train_module.TrainingProgress(10**6, 50, planned=False)
@@ -251,6 +264,10 @@ def test_time_budget_plan_fills_the_budget_with_a_fake_clock(train_module, monke
         steps = int((available - epoch_ends * 1.1) / 0.25)
     assert progress.planned and progress.total_steps == 30 + steps and progress.warmup_steps == 50
     assert 30 + steps < 30 + int(available / 0.25)  # the kNN monitors took their share
+    # a revision past the budget ends the run at its current step, never before it
+    monkeypatch.setattr(train_module.time, "time", lambda: 1200.0)
+    train_module.fix_budget(progress, config, 0.25, (22.0, 1.1), 40, OneProcess(), None, record="plan_revision")
+    assert progress.total_steps == 30
 
 
 def test_time_budget_run_records_its_plan_and_resume_keeps_it(train_module, tiny_dataset, tmp_path):
@@ -261,26 +278,33 @@ def test_time_budget_run_records_its_plan_and_resume_keeps_it(train_module, tiny
                "--keep-checkpoints", "1000", "--tracker", "none", "--output-dir", str(out), *TINY,
                "--warmup-epochs", "4"])
     info = json.loads((out / "run_info.json").read_text())
-    plan = info["plan"]
+    plan, revision = info["plan"], info["plan_revision"]
     assert plan["planned_at_step"] == train_module.MEASURE_SKIP + train_module.MEASURE_STEPS
     assert plan["step_s"] > 0 and plan["final_phase_s"] > 5
-    assert info["total_steps"] == plan["total_steps"] >= plan["planned_at_step"] + 10  # more epochs fit the budget
+    assert plan["total_steps"] >= plan["planned_at_step"] + 10  # more epochs fit the budget
+    # revised once, halfway through the planned steps, with a monitor's measured cost (one per 8-step epoch)
+    assert revision["planned_at_step"] == (plan["planned_at_step"] + plan["total_steps"]) // 2
+    assert revision["planned_total_steps"] == plan["total_steps"] and revision["evaluation_ratio"] > 0
+    assert revision["knn_monitor_s"] > 0 and revision["step_s"] > 0
+    assert info["total_steps"] == revision["total_steps"] >= revision["planned_at_step"]
     final = json.loads((out / "final_eval.json").read_text())
     assert final["trained"]["num_test"] == 64 and final["random_init"]["num_test"] == 32  # the kNN monitor's subset
     checkpoints = sorted(int(p.name.split("_")[1]) for p in (out / "checkpoints").iterdir())
-    assert checkpoints[-1] == plan["total_steps"]
+    assert checkpoints[-1] == revision["total_steps"]
     card = ModelCard.load(out / "backbone" / "README.md").text
-    assert f"{plan['total_steps']} steps" in card and "1-minute time budget" in card
+    assert f"{revision['total_steps']} steps" in card and "1-minute time budget" in card
 
-    # As if killed after the plan: a resumed run continues to the planned step count, it does not plan again.
-    later = [step for step in checkpoints if step > plan["planned_at_step"]]
+    # As if killed after the revision: a resumed run continues to the revised step count; it neither plans nor
+    # revises again.
+    later = [step for step in checkpoints if step > revision["planned_at_step"]]
     for step in later[1:]:
         shutil.rmtree(out / "checkpoints" / f"step_{step:08d}")
     shutil.rmtree(out / "model")
     run_train(["--output-dir", str(out), "--resume"])
     resumed = json.loads((out / "run_info.json").read_text())
-    assert resumed["plan"] == plan and resumed["total_steps"] == plan["total_steps"]
-    assert (out / "checkpoints" / f"step_{plan['total_steps']:08d}").is_dir() and (out / "model").is_dir()
+    assert resumed["plan"] == plan and resumed["plan_revision"] == revision
+    assert resumed["total_steps"] == revision["total_steps"]
+    assert (out / "checkpoints" / f"step_{revision['total_steps']:08d}").is_dir() and (out / "model").is_dir()
 
 
 def _class_sorted_image_folder(root: Path) -> dict[str, list[Path]]:
