@@ -156,8 +156,8 @@ def read_train_py_records(run_dir: Path, wall_time: float) -> dict:
         "epochs": round(run_info["total_steps"] / config["steps_per_epoch"], 2),
         "img_per_s": round(run_info["total_steps"] * config["global_batch_size"] / training_s, 1),
         "backbone_kwargs": config["backbone_kwargs"],
-        "plan": run_info.get("plan"), "own_evaluation": {"linear_top1": final["linear_top1"],
-                                                         "knn_top1": final["knn_top1"]},
+        "plan": run_info.get("plan"), "plan_revision": run_info.get("plan_revision"),
+        "own_evaluation": {"linear_top1": final["linear_top1"], "knn_top1": final["knn_top1"]},
         "phases": [{"phase": name, "seconds": round(seconds, 1)} for name, seconds in phases],
     }
 
