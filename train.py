@@ -10,7 +10,7 @@ One Accelerate loop: data -> two-view augmentation on the device -> IBProjModel 
 the information-plane diagnostics of PAPER.md section 5, atomic checkpoints, and a run folder holding the
 resolved config, seed, versions, metrics, plot, final model, exported backbone and final evaluation.
 With `--time-budget MINUTES` the run measures its own step time and fixes its step count to end on time, then
-corrects that count once halfway, from the longer measurement and the kNN monitor's measured cost.
+corrects that count once halfway (or at the next epoch end), from the longer measurement and the kNN monitor's cost.
 """
 
 from __future__ import annotations
@@ -65,14 +65,17 @@ from hf_ibproj.train_config import RUN_CONFIG, TrainConfig, early_arguments, par
 
 # Time budget: steps timed after MEASURE_SKIP warm-up steps, over MEASURE_STEPS steps; the plan aims at
 # BUDGET_TARGET of the budget, and the final evaluation is taken to cost FINAL_EVAL_MARGIN x the random-init one
-# extrapolated to the full splits (`evaluation_estimate`). Halfway through the planned steps the step count is
-# corrected once (`revise_budget`): the step time over every step since MEASURE_SKIP, and, once a kNN monitor has run,
-# in place of the margin the ratio of its measured cost to its extrapolation (the trained backbone, warm caches).
+# extrapolated to the full splits (`evaluation_estimate`). Halfway through the planned steps, or at the first epoch
+# end after that, the step count is corrected once (`revise_budget`): the step time over every step since the timing began, and, once a kNN monitor
+# has run, the ratio of its measured cost to its extrapolation (the trained backbone, warm caches) in place of the
+# margin for everything but the linear probe (`revised_estimate`).
 # Measured on the default job (2-core EPYC, 2026-12-01): 20-step windows of this shared CPU vary by +-15% in img/s,
 # so the plan averages 50 steps (the warm-up, longer than that by default, is not delayed by planning later); the
-# steps after it still ran 2% faster or 3% slower. The trained backbone's full-split evaluation took 0.60-0.87x the
-# extrapolated random-init one (feature extraction alone 0.65-0.93x: the random-init backbone, evaluated first,
-# extracts slower per image), so the margin is 0.7.
+# steps after it still ran up to 4% faster or slower, which the revision corrects. The trained backbone's full-split
+# evaluation took 0.60-0.96x the extrapolated random-init one (feature extraction alone 0.65-1.03x: the random-init
+# backbone, evaluated first, mostly extracts slower per image; the L-BFGS probe 0.38-1.65x, by its iterations), so
+# the margin is 0.7; with the monitor's ratio for the rest, the probe at 0.7 put the final phase within -10 / +7 s in
+# six 10-minute runs (the probe at the ratio too: -6 / +21 s).
 MEASURE_SKIP, MEASURE_STEPS = 10, 50
 BUDGET_TARGET, FINAL_EVAL_MARGIN, FINAL_SAVE_SECONDS = 0.99, 0.7, 5.0
 STREAMING_EVAL_TRAIN_SAMPLES = 20000  # final_eval_train_samples when streaming and unset
@@ -86,7 +89,8 @@ class NonFiniteLossError(RuntimeError):
 
 class TrainingProgress:
     """Optimizer steps done and the schedule's plan; saved in every checkpoint, so `--resume` neither re-plans
-    nor restarts an epoch (nanoGPT: on resume the run settings come from the checkpoint)."""
+    nor restarts an epoch (nanoGPT: on resume the run settings come from the checkpoint). A time budget's plan is
+    whatever the checkpoint holds: resumed from before the revision, the run keeps the first plan."""
 
     def __init__(self, total_steps: int, warmup_steps: int, planned: bool) -> None:
         self.step, self.total_steps, self.warmup_steps, self.planned = 0, total_steps, warmup_steps, planned
@@ -97,6 +101,27 @@ class TrainingProgress:
 
     def load_state_dict(self, state: dict) -> None:
         vars(self).update(state)
+
+
+class StepTimer:
+    """Seconds per optimizer step of this process since `start`, less the epoch-end monitors' time (`exclude`)."""
+
+    def __init__(self) -> None:
+        self.started_at, self.start_step, self.excluded = None, 0, 0.0
+
+    def start(self, step: int) -> None:
+        self.started_at, self.start_step = time.perf_counter(), step
+
+    def steps(self, step: int) -> int:
+        """Steps timed by `step`; -1 before the start."""
+        return step - self.start_step if self.started_at is not None else -1
+
+    def exclude(self, seconds: float) -> None:
+        if self.started_at is not None:
+            self.excluded += seconds
+
+    def step_seconds(self, step: int) -> float:
+        return (time.perf_counter() - self.started_at - self.excluded) / self.steps(step)
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, progress: TrainingProgress) -> torch.optim.lr_scheduler.LambdaLR:
@@ -285,29 +310,32 @@ def evaluation_estimate(random_init: dict | None, final_rows: tuple[int, int], m
     That evaluation runs on the kNN monitor's subsets; its times are extrapolated to (train, held-out) row counts,
     `final_rows` for the final evaluation and `monitor_rows` for a monitor (a ratio of 1 unless the stored floor
     has other sizes): extraction scales with the images, the L-BFGS probe with the training rows, kNN with their
-    product; the label-free diagnostics use the same images every time. Both are taken at `ratio` of that: the
-    trained backbone's evaluation runs faster than the random-init one.
+    product; the label-free diagnostics use the same images every time. The probe is taken at FINAL_EVAL_MARGIN
+    (its iterations depend on the features, not on the backbone's speed), the rest at `ratio`: the trained
+    backbone's evaluation runs faster than the random-init one.
     """
     if random_init is None:
         return FINAL_SAVE_SECONDS, 0.0
     seconds, rows_train, rows_test = random_init["seconds"], random_init["num_train"], random_init["num_test"]
 
-    def scaled(num_train: int, num_test: int, probe: bool) -> float:
+    def features_and_knn(num_train: int, num_test: int) -> float:
         return (seconds["feature_extraction"] * (num_train + num_test) / (rows_train + rows_test)
-                + (seconds["linear_probe"] * num_train / rows_train if probe else 0.0)
                 + seconds["knn"] * num_train * num_test / (rows_train * rows_test) + seconds.get("label_free", 0.0))
 
-    return (FINAL_SAVE_SECONDS + ratio * scaled(*final_rows, probe=True), ratio * scaled(*monitor_rows, probe=False))
+    probe = FINAL_EVAL_MARGIN * seconds["linear_probe"] * final_rows[0] / rows_train
+    return FINAL_SAVE_SECONDS + probe + ratio * features_and_knn(*final_rows), ratio * features_and_knn(*monitor_rows)
 
 
 def revised_estimate(random_init: dict | None, final_rows: tuple[int, int], monitor_rows: tuple[int, int],
                      monitor_seconds: float) -> tuple[float, float, float | None]:
     """(final phase, one kNN monitor, ratio) in seconds once a monitor has run: the monitor as measured, the final
-    phase extrapolated at the ratio of the measured monitor to its extrapolation (None without a random-init floor:
-    the final phase is then only the saving)."""
+    phase extrapolated at the ratio of the measured monitor to its extrapolation. The ratio is None without a
+    random-init floor (the final phase is then only the saving), and FINAL_EVAL_MARGIN where the monitor
+    extrapolates to under a second (too short to time)."""
     if random_init is None:
         return FINAL_SAVE_SECONDS, monitor_seconds, None
-    ratio = monitor_seconds / evaluation_estimate(random_init, final_rows, monitor_rows, ratio=1.0)[1]
+    extrapolated = evaluation_estimate(random_init, final_rows, monitor_rows, ratio=1.0)[1]
+    ratio = monitor_seconds / extrapolated if extrapolated >= 1.0 else FINAL_EVAL_MARGIN
     return evaluation_estimate(random_init, final_rows, monitor_rows, ratio)[0], monitor_seconds, ratio
 
 
@@ -315,8 +343,8 @@ def fix_budget(progress: TrainingProgress, config: TrainConfig, step_seconds: fl
                steps_per_epoch: int, accelerator: Accelerator, run_dir: Path, record: str = "plan",
                **details) -> None:
     """Fix the step count so that training, the kNN monitors and the final phase (`estimate`: their seconds, from
-    `evaluation_estimate`) end within the time budget; never below the current step. The main process decides;
-    every process follows. The plan goes into run_info.json under `record`, with `details`."""
+    `evaluation_estimate` or `revised_estimate`) end within the time budget; never below the current step. The main
+    process decides; every process follows. The plan goes into run_info.json under `record`, with `details`."""
     final_seconds, knn_seconds = estimate
     elapsed = time.time() - PROCESS_START
     available = config.time_budget * 60 * BUDGET_TARGET - elapsed - final_seconds
@@ -332,7 +360,7 @@ def fix_budget(progress: TrainingProgress, config: TrainConfig, step_seconds: fl
         "elapsed_at_plan_s": round(elapsed, 1), **details,
     }])[0]
     progress.total_steps, progress.planned = plan["total_steps"], True
-    progress.warmup_steps = min(progress.warmup_steps, progress.total_steps)
+    progress.warmup_steps = min(round(config.warmup_epochs * steps_per_epoch), progress.total_steps)
     if accelerator.is_main_process:
         update_run_info(run_dir, **{record: plan})
         print(f"time budget{' revised' if record != 'plan' else ''}: {plan['total_steps']} steps "
@@ -340,12 +368,23 @@ def fix_budget(progress: TrainingProgress, config: TrainConfig, step_seconds: fl
               f"{plan['final_phase_s']:.0f} s kept for the final evaluation")
 
 
+def revision_step(planned_at: int, total_steps: int, steps_per_epoch: int, monitored: bool) -> int | None:
+    """The step at which a plan is revised: halfway through its steps, or, where epoch ends run the kNN monitor, the
+    first epoch end from there on if it comes before the end (that monitor then measures the evaluation's cost, e.g.
+    step 937 of 1,340 for the default job); None for a plan too short to revise."""
+    halfway = (planned_at + total_steps) // 2
+    if halfway <= planned_at:
+        return None
+    epoch_end = -(-halfway // steps_per_epoch) * steps_per_epoch
+    return epoch_end if monitored and epoch_end < total_steps else halfway
+
+
 def revise_budget(progress: TrainingProgress, config: TrainConfig, step_seconds: float,
                   estimate: tuple[float, float, float | None], steps_per_epoch: int, accelerator: Accelerator,
                   run_dir: Path) -> None:
-    """The one correction of a time budget's plan, halfway through its steps (run_info.json's `plan_revision`):
-    `step_seconds` over every step since MEASURE_SKIP less the monitors, `estimate` from `revised_estimate` on the
-    latest monitor (the plan's own before any). A resumed run does not revise."""
+    """The one correction of a time budget's plan, at `revision_step` (run_info.json's `plan_revision`):
+    `step_seconds` over every step since the timing began, less the monitors; `estimate` from `revised_estimate` on
+    the latest monitor (the plan's own before any). A run resumed after its plan does not revise."""
     final_seconds, knn_seconds, ratio = estimate
     details = {"planned_total_steps": progress.total_steps}
     if ratio is not None:
@@ -415,6 +454,7 @@ def main(argv: list[str] | None = None) -> int:
         accelerator.print(f"resumed from {checkpoint} at step {progress.step} of {progress.total_steps}")
         if accelerator.is_main_process:
             metrics.truncate_after(progress.step)
+            forget_plans_after(run_dir, progress.step)
     if accelerator.is_main_process:
         start_records(run_dir, config, resolved, args, device, accelerator.num_processes)
     if config.tracker != "none":
@@ -446,9 +486,9 @@ def main(argv: list[str] | None = None) -> int:
     bar = tqdm(total=progress.total_steps, initial=progress.step, disable=not accelerator.is_main_process,
                desc="pretrain")
     window = {"start": time.perf_counter(), "images": 0, "probe_hits": 0, "probe_seen": 0}
-    # The step time is measured from step MEASURE_SKIP, less the epoch-end monitors' `monitored` seconds (the last
-    # one took `monitor_seconds`). A resumed run neither plans nor revises: its plan is in the checkpoint.
-    measured_from, monitored, monitor_seconds, revise_at = None, 0.0, None, None
+    # The step time is timed from step MEASURE_SKIP (or the first step after it that a resumed, unplanned run sees);
+    # the latest epoch-end monitor took `monitor_seconds`. A run resumed after its plan neither plans nor revises.
+    timer, monitor_seconds, revise_at = StepTimer(), None, None
     model.train()
     try:
         while progress.step < progress.total_steps:
@@ -465,13 +505,14 @@ def main(argv: list[str] | None = None) -> int:
                 scheduler.step()
                 progress.step += 1
                 bar.update(1)
-                if not progress.planned and progress.step == MEASURE_SKIP:
-                    measured_from = time.perf_counter()
-                if not progress.planned and progress.step == MEASURE_SKIP + MEASURE_STEPS:
-                    step_seconds = (time.perf_counter() - measured_from - monitored) / MEASURE_STEPS
-                    fix_budget(progress, config, step_seconds, estimate, steps_per_epoch, accelerator, run_dir)
+                if not progress.planned and timer.started_at is None and progress.step >= MEASURE_SKIP:
+                    timer.start(progress.step)
+                if not progress.planned and timer.steps(progress.step) == MEASURE_STEPS:
+                    fix_budget(progress, config, timer.step_seconds(progress.step), estimate, steps_per_epoch,
+                               accelerator, run_dir)
                     scheduler, bar.total = make_scheduler(optimizer, progress), progress.total_steps
-                    revise_at = (progress.step + progress.total_steps) // 2
+                    revise_at = revision_step(progress.step, progress.total_steps, steps_per_epoch,
+                                              monitored=held_out is not None)
                 if progress.step % config.log_every == 0 or diagnose:
                     log_step(output, diagnose, progress, steps_per_epoch, scheduler, window, accelerator, metrics, bar)
                 if progress.step % steps_per_epoch == 0 and held_out is not None:
@@ -479,12 +520,12 @@ def main(argv: list[str] | None = None) -> int:
                     epoch_monitor(progress, steps_per_epoch, config, accelerator, unwrapped, train, held_out, mean,
                                   std, metrics, bar, diagnostic_images, augment)
                     monitor_seconds = time.perf_counter() - started
-                    monitored += monitor_seconds if measured_from is not None else 0.0
+                    timer.exclude(monitor_seconds)
                 if progress.step == revise_at and progress.step < progress.total_steps:
-                    step_seconds = (time.perf_counter() - measured_from - monitored) / (progress.step - MEASURE_SKIP)
                     revision = (estimate + (None,) if monitor_seconds is None else
                                 revised_estimate(random_init, final_rows, monitor_rows, monitor_seconds))
-                    revise_budget(progress, config, step_seconds, revision, steps_per_epoch, accelerator, run_dir)
+                    revise_budget(progress, config, timer.step_seconds(progress.step), revision, steps_per_epoch,
+                                  accelerator, run_dir)
                     scheduler, bar.total = make_scheduler(optimizer, progress), progress.total_steps
                 checkpoint_if_due(progress, steps_per_epoch, config, accelerator, unwrapped, run_dir, bar)
                 if progress.step >= progress.total_steps:
@@ -606,6 +647,15 @@ def read_run_info(run_dir: Path) -> dict:
 
 def update_run_info(run_dir: Path, **values) -> None:
     write_json(run_dir / "run_info.json", {**read_run_info(run_dir), **values})
+
+
+def forget_plans_after(run_dir: Path, step: int) -> None:
+    """Drop a time budget's plan or revision made after the checkpoint a run resumes from: it is not in the
+    checkpoint, so the resumed run does not follow it (and a plan made again replaces it)."""
+    info = read_run_info(run_dir)
+    stale = [key for key in ("plan", "plan_revision") if info.get(key, {}).get("planned_at_step", -1) > step]
+    if stale:
+        write_json(run_dir / "run_info.json", {k: v for k, v in info.items() if k not in stale})
 
 
 def start_records(run_dir: Path, config: TrainConfig, resolved: dict, args, device, num_processes: int) -> None:

@@ -143,7 +143,7 @@ def test_tune_default_smoke(tmp_path):
         final_eval = json.loads((out / run / "final_eval.json").read_text())
         config = (out / run / "config.yaml").read_text()
         assert "eval_split: validation" in config and "warmup_epochs: 0.0" in config
-        assert f"seed: {result['seed']}" in config
+        assert re.search(rf"^seed: {result['seed']}$", config, re.M)
         assert result["validation"] == {"linear_top1": final_eval["linear_top1"], "knn_top1": final_eval["knn_top1"]}
         scores.append((final_eval["linear_top1"], final_eval["knn_top1"]))
     (linear0, knn0), (linear1, knn1) = scores

@@ -233,18 +233,24 @@ def test_evaluation_estimate_extrapolates_the_random_init_evaluation_to_the_full
 def test_revised_estimate_takes_the_measured_monitor_in_place_of_the_margin(train_module):
     random_init = {"seconds": {"feature_extraction": 6.0, "linear_probe": 2.0, "knn": 0.5, "label_free": 1.0},
                    "num_train": 1000, "num_test": 200}
-    # the monitor extrapolates to 6 + 0.5 + 1 = 7.5 s at ratio 1 and took 3 s: the final phase is taken at 3 / 7.5
+    margin = train_module.FINAL_EVAL_MARGIN
+    # the monitor extrapolates to 6 + 0.5 + 1 = 7.5 s at ratio 1 and took 3 s: the final phase's extraction, kNN and
+    # diagnostics are taken at 3 / 7.5, its probe (6x the rows) still at the margin
     final, monitor, ratio = train_module.revised_estimate(random_init, (6000, 1000), (1000, 200), 3.0)
     assert ratio == pytest.approx(0.4) and monitor == 3.0
-    assert final == pytest.approx(train_module.FINAL_SAVE_SECONDS + 0.4 * (6.0 * 7000 / 1200 + 2.0 * 6 + 0.5 * 30
-                                                                          + 1.0))
+    assert final == pytest.approx(train_module.FINAL_SAVE_SECONDS + 0.4 * (6.0 * 7000 / 1200 + 0.5 * 30 + 1.0)
+                                  + margin * 2.0 * 6)
     # no floor (--no-final-eval): the monitors as measured, the final phase only the saving
     assert train_module.revised_estimate(None, (6000, 1000), (1000, 200), 3.0) == (
         train_module.FINAL_SAVE_SECONDS, 3.0, None)
+    # a monitor that extrapolates to under a second is too short to time: the margin stays
+    tiny = {"seconds": {"feature_extraction": 0.01, "linear_probe": 0.01, "knn": 0.0, "label_free": 0.0},
+            "num_train": 1000, "num_test": 200}
+    assert train_module.revised_estimate(tiny, (6000, 1000), (1000, 200), 0.5)[2] == margin
 
 
 def test_time_budget_plan_fills_the_budget_with_a_fake_clock(train_module, monkeypatch):
-    config = train_module.TrainConfig(time_budget=2.0, batch_size=256)
+    config = train_module.TrainConfig(time_budget=2.0, batch_size=256, warmup_epochs=1.25)
     progress = train_module.TrainingProgress(10**6, 50, planned=False)
     progress.step = 30
     monkeypatch.setattr(train_module, "PROCESS_START", 1000.0)
@@ -262,12 +268,47 @@ def test_time_budget_plan_fills_the_budget_with_a_fake_clock(train_module, monke
     for _ in range(3):
         epoch_ends = (30 + steps) // 40 - 30 // 40
         steps = int((available - epoch_ends * 1.1) / 0.25)
-    assert progress.planned and progress.total_steps == 30 + steps and progress.warmup_steps == 50
+    assert progress.planned and progress.total_steps == 30 + steps and progress.warmup_steps == 50  # 1.25 epochs
     assert 30 + steps < 30 + int(available / 0.25)  # the kNN monitors took their share
     # a revision past the budget ends the run at its current step, never before it
     monkeypatch.setattr(train_module.time, "time", lambda: 1200.0)
     train_module.fix_budget(progress, config, 0.25, (22.0, 1.1), 40, OneProcess(), None, record="plan_revision")
-    assert progress.total_steps == 30
+    assert progress.total_steps == 30 and progress.warmup_steps == 30
+    # a revision to more steps gives back the warm-up a shorter plan had cut
+    monkeypatch.setattr(train_module.time, "time", lambda: 1030.0)
+    train_module.fix_budget(progress, config, 0.25, (22.0, 1.1), 40, OneProcess(), None, record="plan_revision")
+    assert progress.total_steps > 80 and progress.warmup_steps == 50
+
+
+def test_revision_step_is_halfway_or_the_first_monitor_after_it(train_module):
+    # the default job: planned at step 60 to 1,340, 937 steps per epoch; halfway is step 700
+    assert train_module.revision_step(60, 1340, 937, monitored=True) == 937
+    assert train_module.revision_step(60, 1340, 937, monitored=False) == 700  # no held-out split, no monitor
+    assert train_module.revision_step(60, 430, 234, monitored=True) == 245  # the next epoch end, 468, is too late
+    assert train_module.revision_step(60, 61, 234, monitored=True) is None  # nothing left to revise
+
+
+def test_step_timer_excludes_the_monitors_and_counts_from_its_start(train_module, monkeypatch):
+    clock = iter([100.0, 130.0, 160.0])
+    monkeypatch.setattr(train_module.time, "perf_counter", lambda: next(clock))
+    timer = train_module.StepTimer()
+    assert timer.steps(41) == -1
+    timer.exclude(5.0)  # a monitor before the timing began is not its business
+    timer.start(41)  # a run resumed at step 40 starts timing at the first step it takes
+    timer.exclude(6.0)
+    assert timer.steps(91) == 50 and timer.step_seconds(91) == pytest.approx((130.0 - 100.0 - 6.0) / 50)
+    assert timer.step_seconds(101) == pytest.approx((160.0 - 100.0 - 6.0) / 60)
+
+
+def test_a_resume_forgets_the_plans_its_checkpoint_predates(train_module, tmp_path):
+    plan, revision = {"planned_at_step": 60, "total_steps": 400}, {"planned_at_step": 230, "total_steps": 390}
+    (tmp_path / "run_info.json").write_text(json.dumps({"seed": 0, "plan": plan, "plan_revision": revision}))
+    train_module.forget_plans_after(tmp_path, 230)  # the checkpoint holds the revision
+    assert json.loads((tmp_path / "run_info.json").read_text())["plan_revision"] == revision
+    train_module.forget_plans_after(tmp_path, 200)  # it predates the revision: the run follows the first plan
+    assert json.loads((tmp_path / "run_info.json").read_text()) == {"seed": 0, "plan": plan}
+    train_module.forget_plans_after(tmp_path, 40)  # it predates the plan: the run plans again
+    assert json.loads((tmp_path / "run_info.json").read_text()) == {"seed": 0}
 
 
 def test_time_budget_run_records_its_plan_and_resume_keeps_it(train_module, tiny_dataset, tmp_path):
@@ -282,8 +323,10 @@ def test_time_budget_run_records_its_plan_and_resume_keeps_it(train_module, tiny
     assert plan["planned_at_step"] == train_module.MEASURE_SKIP + train_module.MEASURE_STEPS
     assert plan["step_s"] > 0 and plan["final_phase_s"] > 5
     assert plan["total_steps"] >= plan["planned_at_step"] + 10  # more epochs fit the budget
-    # revised once, halfway through the planned steps, with a monitor's measured cost (one per 8-step epoch)
-    assert revision["planned_at_step"] == (plan["planned_at_step"] + plan["total_steps"]) // 2
+    # revised once, at the first epoch end (8 steps each) from halfway through the planned steps on, with the
+    # measured cost of the monitor that ran there
+    halfway = (plan["planned_at_step"] + plan["total_steps"]) // 2
+    assert revision["planned_at_step"] == halfway + (-halfway) % 8
     assert revision["planned_total_steps"] == plan["total_steps"] and revision["evaluation_ratio"] > 0
     assert revision["knn_monitor_s"] > 0 and revision["step_s"] > 0
     assert info["total_steps"] == revision["total_steps"] >= revision["planned_at_step"]
@@ -305,6 +348,16 @@ def test_time_budget_run_records_its_plan_and_resume_keeps_it(train_module, tiny
     assert resumed["plan"] == plan and resumed["plan_revision"] == revision
     assert resumed["total_steps"] == revision["total_steps"]
     assert (out / "checkpoints" / f"step_{revision['total_steps']:08d}").is_dir() and (out / "model").is_dir()
+
+    # As if killed before the plan (step 40): the resumed run times 50 steps of its own and plans, then revises.
+    for path in (out / "checkpoints").iterdir():
+        if int(path.name.split("_")[1]) > 40:
+            shutil.rmtree(path)
+    run_train(["--output-dir", str(out), "--resume"])
+    replanned = json.loads((out / "run_info.json").read_text())
+    assert replanned["plan"]["planned_at_step"] == 40 + 1 + train_module.MEASURE_STEPS
+    assert replanned["plan_revision"]["planned_at_step"] > replanned["plan"]["planned_at_step"]
+    assert replanned["total_steps"] == replanned["plan_revision"]["total_steps"]
 
 
 def _class_sorted_image_folder(root: Path) -> dict[str, list[Path]]:
