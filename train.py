@@ -66,9 +66,9 @@ from hf_ibproj.train_config import RUN_CONFIG, TrainConfig, early_arguments, par
 # Time budget: steps timed after MEASURE_SKIP warm-up steps, over MEASURE_STEPS steps; the plan aims at
 # BUDGET_TARGET of the budget, and the final evaluation is taken to cost FINAL_EVAL_MARGIN x the random-init one
 # extrapolated to the full splits (`evaluation_estimate`). Halfway through the planned steps, or at the first epoch
-# end after that, the step count is corrected once (`revise_budget`): the step time over every step since the timing began, and, once a kNN monitor
-# has run, the ratio of its measured cost to its extrapolation (the trained backbone, warm caches) in place of the
-# margin for everything but the linear probe (`revised_estimate`).
+# end after that, the step count is corrected once (`revise_budget`): the step time over every step since the timing
+# began, and, once a kNN monitor has run, the ratio of its measured cost to its extrapolation (the trained backbone,
+# warm caches) in place of the margin for everything but the linear probe (`revised_estimate`).
 # Measured on the default job (2-core EPYC, 2026-12-01): 20-step windows of this shared CPU vary by +-15% in img/s,
 # so the plan averages 50 steps (the warm-up, longer than that by default, is not delayed by planning later); the
 # steps after it still ran up to 4% faster or slower, which the revision corrects. The trained backbone's full-split
