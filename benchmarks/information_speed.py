@@ -2,7 +2,7 @@
 
 (a) matrix_mutual_information(alpha=2), the plain O(n^2 d) computation (row-normalized Grams, their Hadamard
     product, three Frobenius norms), against the released code's approach (A^alpha as a Python loop of n x n
-    matrix products, then the trace; PAPER.md section 8) and against the floor: the two n x n Gram products of
+    matrix products, then the trace; docs/method.md section 8) and against the floor: the two n x n Gram products of
     row-normalized inputs alone. Each time is the best of 50 interleaved rounds. No target: the MI term costs
     well under 1% of a training step (part b), so the estimator stays plain rather than fast.
 (b) a SimCLR training step (forward + backward + SGD step) of the small-stem ResNet-18 (default width,
@@ -29,7 +29,7 @@ from torch.utils.benchmark import Timer
 
 from hf_ibproj import IBProjConfig, IBProjModel
 from hf_ibproj.information import matrix_mutual_information
-from hf_ibproj.runs import has_native_bf16
+from hf_ibproj.precision import has_native_bf16
 
 
 def naive_mutual_information(z1: torch.Tensor, z2: torch.Tensor, alpha: int = 2) -> torch.Tensor:

@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
@@ -45,6 +46,40 @@ class ArgumentParser(HfArgumentParser):
 def arguments_from_namespace(cls: type[T], namespace: argparse.Namespace) -> T:
     """The dataclass `cls` from a namespace parsed by an `ArgumentParser` built on it (e.g. as a sub-command)."""
     return cls(**{f.name: getattr(namespace, f.name) for f in dataclasses.fields(cls) if f.init})
+
+
+def flag_name(field_name: str) -> str:
+    """The command-line spelling of a dataclass field: `--foo-bar` for `foo_bar`."""
+    return f"--{field_name.replace('_', '-')}"
+
+
+def check_repo_id(repo_id: str, flag: str = "--push-to-hub") -> None:
+    """A Hub repository id 'username/name' (huggingface_hub's own rules), or ValueError naming `flag`."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+        valid = repo_id.count("/") == 1
+    except HFValidationError:
+        valid = False
+    if not valid:
+        raise ValueError(f"{flag} {repo_id!r} is not a Hub repository id; expected 'username/model-name'.")
+
+
+def refuse_resume_changes(stored: dict[str, Any], requested: dict[str, Any], resumable: tuple[str, ...],
+                          output_dir: str | Path) -> None:
+    """`--resume` continues a run as it was configured: refuse any setting outside `resumable` that differs from
+    the stored one, naming each flag with its stored and requested values (train.py and finetune share this)."""
+    changed = [name for name in requested if name not in resumable and name in stored
+               and requested[name] != stored[name]]
+    if changed:
+        details = "; ".join(f"{flag_name(n)} ({stored[n]!r} -> {requested[n]!r})" for n in changed)
+        raise ValueError(
+            f"--resume continues the run in {output_dir} as it was configured, but {details} would change it. Drop "
+            f"the flag(s), or start a new run in another --output-dir. Flags allowed on resume: "
+            f"{', '.join(flag_name(n) for n in resumable)}."
+        )
 
 
 def _help(text: str) -> dict[str, Any]:

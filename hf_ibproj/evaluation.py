@@ -1,4 +1,4 @@
-"""Frozen-backbone evaluation (PAPER.md section 6): features extracted once, then a linear probe and a weighted kNN.
+"""Frozen-backbone evaluation (docs/method.md section 6): features extracted once, then a linear probe and a weighted kNN.
 
 The paper evaluates a linear classifier on FROZEN encoder features; the weighted kNN is the cheap monitor that
 solo-learn and lightly report beside it. Both run on the same features, extracted once per backbone:
@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from .augmentation import to_model_input
 from .data import ImageData
-from .runs import has_native_bf16
+from .precision import has_native_bf16
 
 WEIGHT_DECAY_GRID = (1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
 PRECISIONS = ("auto", "no", "bf16")  # accelerate's mixed_precision names; "no" is float32
@@ -56,8 +56,8 @@ def extract_features(
 
     Images are scaled to [0, 1] and normalized with `mean` / `std` per channel. `precision="bf16"` runs the
     backbone under bf16 autocast, `"no"` in float32, `"auto"` in bf16 where the hardware computes it natively
-    (CUDA with bf16, CPUs with AVX512-BF16 or AMX: 2-3x faster) and float32 elsewhere (a CPU without bf16 units
-    emulates it: measured ~1.7x slower than float32 on the project's AVX512 machine). The backbone is moved to
+    (CUDA with bf16, CPUs with AVX512-BF16 or AMX) and float32 elsewhere (a CPU without bf16 units emulates it,
+    slower than float32: benchmarks/RESULTS.md). The backbone is moved to
     `device` (default: where its parameters are) in channels_last memory format and run in eval mode; its
     train/eval mode is restored afterwards. `progress` shows a tqdm bar.
     """

@@ -1,4 +1,18 @@
-"""The run folder: resolved config, reproducibility record, metrics log, and atomic checkpoints."""
+"""The run folder: the one place that knows its paths and records, and its atomic checkpoints.
+
+    RUN/config.yaml               the resolved configuration (written once; `--resume` reads it)
+    RUN/run_info.json             seed, versions, hardware, commands, the time budget, phases, wall time
+    RUN/metrics.jsonl             one JSON object per logged step or epoch-end monitor
+    RUN/random_init_eval.json     the random-init floor (linear probe + kNN of the untrained backbone)
+    RUN/final_eval.json           the trained backbone's evaluation beside the floor
+    RUN/information_plane.png     the plot of the information-plane diagnostics
+    RUN/checkpoints/step_N/       accelerate state + config.json (a model folder) + training_state.json
+    RUN/model/                    the final IBProjModel (save_pretrained)
+    RUN/backbone/                 the exported backbone (timm / transformers Hub folder)
+    RUN/logs/                     accelerate trackers (TensorBoard, ...)
+
+Fine-tuning output folders share the checkpoint layout (`save_checkpoint`, `latest_checkpoint`).
+"""
 
 from __future__ import annotations
 
@@ -6,16 +20,125 @@ import importlib.metadata
 import json
 import os
 import platform
+import re
 import shutil
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 
+CHECKPOINTS = "checkpoints"
 CHECKPOINT_PREFIX = "step_"
+TRAINING_STATE = "training_state.json"  # a checkpoint's loop state (step, schedule, time budget): JSON, not pickle
+_CHECKPOINT_NAME = re.compile(rf"{re.escape(CHECKPOINT_PREFIX)}(\d+)")
 _PACKAGES = ("torch", "torchvision", "timm", "transformers", "datasets", "accelerate", "huggingface-hub",
              "safetensors", "kornia", "hf_ibproj")
+
+
+class RunFolder:
+    """Every path and record of one pretraining run's folder (see the module docstring for the layout)."""
+
+    CONFIG = "config.yaml"
+    INFO = "run_info.json"
+    METRICS = "metrics.jsonl"
+    RANDOM_INIT_EVAL = "random_init_eval.json"
+    FINAL_EVAL = "final_eval.json"
+    PLOT = "information_plane.png"
+    MODEL = "model"
+    BACKBONE = "backbone"
+    LOGS = "logs"
+    RECORDS = (CONFIG, INFO, METRICS)  # what travels with a checkpoint pushed to the Hub
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunFolder({str(self.path)!r})"
+
+    # paths
+    @property
+    def config_file(self) -> Path:
+        return self.path / self.CONFIG
+
+    @property
+    def info_file(self) -> Path:
+        return self.path / self.INFO
+
+    @property
+    def random_init_eval_file(self) -> Path:
+        return self.path / self.RANDOM_INIT_EVAL
+
+    @property
+    def final_eval_file(self) -> Path:
+        return self.path / self.FINAL_EVAL
+
+    @property
+    def plot_file(self) -> Path:
+        return self.path / self.PLOT
+
+    @property
+    def model_dir(self) -> Path:
+        return self.path / self.MODEL
+
+    @property
+    def backbone_dir(self) -> Path:
+        return self.path / self.BACKBONE
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.path / self.LOGS
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.path / CHECKPOINTS
+
+    @cached_property
+    def metrics(self) -> MetricsLog:
+        return MetricsLog(self.path / self.METRICS)
+
+    # checkpoints
+    def checkpoints(self) -> list[Path]:
+        return checkpoint_dirs(self.path)
+
+    def latest_checkpoint(self) -> Path | None:
+        return latest_checkpoint(self.path)
+
+    def checkpoint_dir(self, step: int) -> Path:
+        return checkpoint_path(self.path, step)
+
+    # records
+    def read_config(self) -> dict[str, Any]:
+        """config.yaml as a dict ({} when absent)."""
+        return read_yaml(self.config_file)
+
+    def write_config(self, values: dict[str, Any]) -> None:
+        write_yaml(self.config_file, values)
+
+    def read_info(self) -> dict[str, Any]:
+        return read_json(self.info_file)
+
+    def write_info(self, values: dict[str, Any]) -> None:
+        write_json(self.info_file, values)
+
+    def update_info(self, **values: Any) -> None:
+        self.write_info({**self.read_info(), **values})
+
+    def append_info(self, key: str, entry: Any) -> None:
+        """Add `entry` to the list `key` of run_info.json (resumes, push failures)."""
+        self.update_info(**{key: [*self.read_info().get(key, []), entry]})
+
+    def read_random_init_eval(self) -> dict[str, Any] | None:
+        return read_json(self.random_init_eval_file) or None
+
+    def write_random_init_eval(self, result: dict[str, Any]) -> None:
+        write_json(self.random_init_eval_file, result)
+
+    def read_final_eval(self) -> dict[str, Any]:
+        return read_json(self.final_eval_file)
+
+    def write_final_eval(self, result: dict[str, Any]) -> None:
+        write_json(self.final_eval_file, result)
 
 
 def library_versions() -> dict[str, str]:
@@ -28,22 +151,22 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def hardware_summary(device: torch.device, num_processes: int) -> str:
+def hardware_summary(device: Any, num_processes: int) -> str:
     if device.type == "cuda":
+        import torch
+
         name = torch.cuda.get_device_name(device)
     else:
         name = f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores"
     return f"{num_processes} x {name}"
 
 
-def has_native_bf16(device: torch.device) -> bool:
-    """Whether bf16 autocast is fast here: CUDA with bf16, or a CPU with AVX512-BF16 / AMX (else it is slower)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":  # torch exposes these CPU feature probes only as private helpers; absent means no
-        probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-        return any(probe() for probe in probes if probe is not None)
-    return False
+def read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
 
 
 def write_yaml(path: Path, values: dict[str, Any]) -> None:
@@ -82,43 +205,67 @@ class MetricsLog:
         write_atomically(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
-def checkpoint_dirs(run_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (temporary folders of an interrupted save are ignored)."""
-    folder = run_dir / "checkpoints"
+def checkpoint_step(folder: Path) -> int | None:
+    """N of a folder named step_N; None for any other name."""
+    match = _CHECKPOINT_NAME.fullmatch(Path(folder).name)
+    return int(match.group(1)) if match else None
+
+
+def checkpoint_path(output_dir: Path, step: int) -> Path:
+    return Path(output_dir) / CHECKPOINTS / f"{CHECKPOINT_PREFIX}{step:08d}"
+
+
+def is_checkpoint_dir(folder: Path) -> bool:
+    """OUTPUT/checkpoints/step_N, written by `save_checkpoint`."""
+    folder = Path(folder)
+    return folder.parent.name == CHECKPOINTS and checkpoint_step(folder) is not None
+
+
+def checkpoint_dirs(output_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run or fine-tuning folder, oldest first (an interrupted save's folder is hidden)."""
+    folder = Path(output_dir) / CHECKPOINTS
     if not folder.is_dir():
         return []
-    found = [p for p in folder.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)]
-    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+    found = [p for p in folder.iterdir() if p.is_dir() and checkpoint_step(p) is not None]
+    return sorted(found, key=checkpoint_step)
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    found = checkpoint_dirs(run_dir)
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    found = checkpoint_dirs(output_dir)
     return found[-1] if found else None
 
 
-def save_checkpoint(accelerator: Any, run_dir: Path, step: int, keep: int, model_config: Any = None) -> Path:
+def read_training_state(checkpoint: Path) -> dict[str, Any]:
+    """The loop state `save_checkpoint(..., state=...)` stored beside accelerate's files ({} when absent)."""
+    return read_json(Path(checkpoint) / TRAINING_STATE)
+
+
+def save_checkpoint(accelerator: Any, output_dir: Path, step: int, keep: int, model_config: Any = None,
+                    state: dict[str, Any] | None = None) -> Path:
     """`accelerator.save_state` into a temporary folder, renamed into place once complete; keeps the last `keep`.
 
     With `model_config` (the model's PretrainedConfig) its config.json goes beside the model's model.safetensors,
-    so every checkpoint is also a model folder (`from_pretrained`, `hf-ibproj evaluate --model`, export).
-    Every process must call this (accelerate saves per-process RNG states); only the main process renames.
+    so every checkpoint is also a model folder (`from_pretrained`, `hf-ibproj evaluate --model`, export). `state`
+    (the loop's step, schedule and time budget) is stored as JSON. Every process must call this (accelerate saves
+    per-process RNG states); only the main process renames.
     """
-    folder = run_dir / "checkpoints"
-    final = folder / f"{CHECKPOINT_PREFIX}{step:08d}"
-    temporary = folder / f".tmp-{CHECKPOINT_PREFIX}{step:08d}"
+    final = checkpoint_path(output_dir, step)
+    temporary = final.with_name(f".tmp-{final.name}")
     if accelerator.is_main_process:
         shutil.rmtree(temporary, ignore_errors=True)
-        folder.mkdir(parents=True, exist_ok=True)
+        final.parent.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(temporary))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if model_config is not None:
             model_config.save_pretrained(temporary)
+        if state is not None:
+            write_json(temporary / TRAINING_STATE, state)
         if final.exists():
             shutil.rmtree(final)
         os.replace(temporary, final)
-        for old in checkpoint_dirs(run_dir)[:-keep]:
+        for old in checkpoint_dirs(output_dir)[:-keep]:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final

@@ -25,7 +25,7 @@ from .arguments import ArgumentParser
 from .augmentation import CROP_MIN_SCALE, check_blur_kernel_size, check_crop_min_scale
 from .configuration_ibproj import IBProjConfig
 from .resources import CONFIG_DIR  # the presets, in the installed package or the source checkout
-from .runs import has_native_bf16
+from .precision import has_native_bf16
 
 DEFAULT_PRESET = CONFIG_DIR / "fashion_mnist_cpu.yaml"
 RUN_CONFIG = "config.yaml"
