@@ -9,7 +9,7 @@ import sys
 from .arguments import ArgumentParser
 
 # Modules that contribute sub-commands, each through a `register_cli(subparsers)` function.
-_COMMAND_MODULES = ("hf_ibproj.hub", "hf_ibproj.evaluate_cli", "hf_ibproj.finetune")
+_COMMAND_MODULES = ("hf_ibproj.hub_cli", "hf_ibproj.evaluate_cli", "hf_ibproj.finetune")
 
 
 def build_parser() -> argparse.ArgumentParser:

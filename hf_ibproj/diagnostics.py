@@ -7,12 +7,12 @@ Which quantity, computed without labels, tells the better encoder? `label_free_d
                 images) as a distribution, p_k = s_k / ||s||_1 + 1e-7 (their epsilon); higher = more dimensions used.
     uniformity  Wang & Isola 2020: log E_{i != j} exp(-2 ||x_i - x_j||^2) over all pairs of L2-normalized Z1
                 rows, in [-8, 0]; lower = spread more evenly over the sphere.
-    I(Z1;Z2), H(Z1), upper_bound = H(Z1) - I(Z1;Z2): PAPER.md section 5 (matrix Renyi order config.mi_alpha).
+    I(Z1;Z2), H(Z1), upper_bound = H(Z1) - I(Z1;Z2): docs/method.md section 5 (matrix Renyi order config.mi_alpha).
 - with `augment` (the run's TwoViewAugmentation): positive pairs are two (or more) augmented views of each
   held-out image, drawn from a fixed seed, so every call and every run sees the same views (the global RNG
   state is saved and restored around them: a seeded training run is unaffected):
     alignment   Wang & Isola 2020: E ||x - x+||^2 over view pairs of L2-normalized Z1; lower = better aligned.
-    I(Z1;R)     minus the run's SSL objective on the encoder features of the views (PAPER.md section 5).
+    I(Z1;R)     minus the run's SSL objective on the encoder features of the views (docs/method.md section 5).
     lower_bound I(Z1;R) - I(Z1;Z2).
 
 The batch-level quantities (the matrix entropies and the objective) are computed on consecutive chunks of about
@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from .augmentation import to_model_input
 from .information import matrix_mutual_information, matrix_renyi_entropy
 from .modeling_ibproj import IBProjModel
+from .seeding import seeded
 
 RANKME_EPSILON = 1e-7  # Garrido et al. 2023
 UNIFORMITY_T = 2.0  # Wang & Isola 2020, t = 2
@@ -104,7 +105,7 @@ def label_free_diagnostics(
                    "upper_bound": h_z1 - i_z1_z2}
         if augment is not None:
             view_features, objectives = [], []
-            with _seeded(seed, device):
+            with seeded(seed, device):
                 for chunk in chunks:
                     views = augment(chunk.to(device)).transpose(0, 1)  # (V, B, C, S, S)
                     features = model.get_image_features(views.flatten(0, 1)).unflatten(0, views.shape[:2])
@@ -134,11 +135,3 @@ def _diagnostic_mode(model: IBProjModel) -> Iterator[None]:
     finally:
         model.train(was_training)
         model.config.gather_distributed = gather
-
-
-@contextlib.contextmanager
-def _seeded(seed: int, device: torch.device) -> Iterator[None]:
-    """The global RNGs (CPU and this CUDA device) seeded with `seed` inside, restored afterwards."""
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        yield

@@ -37,9 +37,7 @@ from typing import Any, Literal
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import DataLoaderConfiguration, parse_flag_from_env, set_seed
-from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, get_token
-from huggingface_hub.errors import HfHubHTTPError, HFValidationError
-from huggingface_hub.utils import validate_repo_id
+from huggingface_hub import ModelCard
 from timm.data.transforms import str_to_interp_mode
 from timm.models import get_model_args
 from torch.utils.data import DataLoader, Dataset
@@ -48,11 +46,22 @@ from tqdm.auto import tqdm
 from transformers import TimmWrapperConfig, TimmWrapperForImageClassification, get_cosine_schedule_with_warmup
 
 from . import cli
-from .arguments import DataArguments, Split, arguments_from_namespace
+from .arguments import (
+    DataArguments,
+    Split,
+    arguments_from_namespace,
+    check_repo_id,
+    flag_name,
+    refuse_resume_changes,
+)
 from .backbones import SMALL_RESNETS
+from .cards import classifier_card
 from .evaluation import check_labels, shared_class_names
-from .hub import PushError, carry_small_resnet_code
-from .runs import CHECKPOINT_PREFIX, has_native_bf16, latest_checkpoint, save_checkpoint, write_json
+from .export import carry_small_resnet_code
+from .hub import PushError, check_push_access, push_folder
+from .precision import resolve_mixed_precision
+from .runs import CHECKPOINTS, checkpoint_step, latest_checkpoint, save_checkpoint, write_json
+from .seeding import seeded
 from .sources import Source, resolve_source
 
 DEFAULT_LR = {"linear": 1e-3, "full": 1e-4}
@@ -95,7 +104,7 @@ class FinetuneArguments(DataArguments):
             self.lr = DEFAULT_LR[self.mode]
         for name in ("epochs", "batch_size", "checkpoint_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)}.")
+                raise ValueError(f"{flag_name(name)} must be a positive integer, got {getattr(self, name)}.")
         if self.lr <= 0:
             raise ValueError(f"--lr must be > 0, got {self.lr}.")
         if not 0 < self.min_crop_scale <= 1:
@@ -103,11 +112,7 @@ class FinetuneArguments(DataArguments):
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}.")
         if self.push_to_hub is not None:
-            try:
-                validate_repo_id(self.push_to_hub)
-            except HFValidationError as error:
-                raise ValueError(f"invalid --push-to-hub {self.push_to_hub!r}: {error} "
-                                 "Expected 'username/model-name'.") from None
+            check_repo_id(self.push_to_hub)
 
 
 def register_cli(subparsers: argparse._SubParsersAction) -> None:
@@ -161,8 +166,7 @@ class SeededTransformSplit(Dataset):
 
     def __getitem__(self, position: int) -> tuple[torch.Tensor, int]:
         image, label = self.split.dataset[int(self.split.indices[position])][:2]
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 1_000_003 + position)
+        with seeded((self.seed * 1_000_003 + self.epoch) * 1_000_003 + position):
             return self.transform(image), label
 
 
@@ -228,12 +232,7 @@ def check_output_dir(args: FinetuneArguments) -> Path | None:
     if checkpoint is None:
         raise FileNotFoundError(f"--resume: {output_dir} has no checkpoint to resume from; check --output-dir.")
     saved = json.loads((output_dir / ARGUMENTS_FILE).read_text())
-    current = dataclasses.asdict(args)
-    changed = [f"--{name.replace('_', '-')} {saved.get(name)!r} -> {current[name]!r}" for name in current
-               if name not in RESUMABLE_CHANGES and saved.get(name) != current[name]]
-    if changed:
-        raise ValueError(f"--resume continues the run in {output_dir} with its own arguments, but these differ: "
-                         f"{'; '.join(changed)}. Pass the same values, or start a new run in another --output-dir.")
+    refuse_resume_changes(saved, dataclasses.asdict(args), RESUMABLE_CHANGES, output_dir)
     return checkpoint
 
 
@@ -249,9 +248,7 @@ def save_result(model: torch.nn.Module, card: ModelCard, results: dict[str, Any]
     # AutoImageProcessor and pipeline("image-classification") work from the folder.
     model.save_pretrained(staging)
     if model.config.architecture in SMALL_RESNETS:
-        config_file = staging / "config.json"
-        config_file.write_text(json.dumps({**json.loads(config_file.read_text()),
-                                           **carry_small_resnet_code(staging)}, indent=2))
+        carry_small_resnet_code(staging)
     card.save(staging / "README.md")
     write_json(staging / RESULTS_FILE, results)
     for file in staging.iterdir():
@@ -259,60 +256,13 @@ def save_result(model: torch.nn.Module, card: ModelCard, results: dict[str, Any]
     staging.rmdir()
 
 
-def model_card(args: FinetuneArguments, source: Source, accuracy: float, class_names: list[str]) -> ModelCard:
-    dataset_is_hub_id = not Path(args.dataset).expanduser().exists()
-    base = source.base_model if isinstance(source.base_model, str) else None
-    name = args.push_to_hub or Path(args.output_dir).name
-    card_data = ModelCardData(
-        model_name=name.split("/")[-1],
-        base_model=source.base_model,  # a Hub id or None: a local path is never a base_model
-        library_name="timm",
-        pipeline_tag="image-classification",
-        tags=["image-classification", "timm", "hf_ibproj", f"{args.mode}-fine-tuning"],
-        datasets=[args.dataset] if dataset_is_hub_id else None,
-        metrics=["accuracy"],
-        eval_results=[EvalResult(
-            task_type="image-classification", dataset_type=args.dataset, dataset_name=args.dataset,
-            dataset_split=args.eval_split, metric_type="accuracy", metric_name="top-1 accuracy (%)",
-            metric_value=round(accuracy, 2),
-        )],
-    )
-    started_from = f"[`{base}`](https://huggingface.co/{base})" if base else f"a {source.kind} (`{Path(args.model).name}`)"
-    what = "a linear classifier on the frozen backbone" if args.mode == "linear" else "the whole network"
-    small_stem = source.backbone.pretrained_cfg["architecture"] in SMALL_RESNETS
-    trust = ", trust_remote_code=True" if small_stem else ""
-    trust_note = ("Its small-image ResNet runs from the `modeling_small_resnet.py` this repository carries "
-                  "(`trust_remote_code=True`).\n" if small_stem else "")
-    content = f"""---
-{card_data.to_yaml()}
----
-
-# {name.split("/")[-1]}
-
-An image classifier fine-tuned from {started_from} on `{args.dataset}`: {what} was trained
-for {args.epochs} epochs (AdamW, lr {args.lr:g}, cosine schedule, random resized crop + horizontal flip) with
-`hf-ibproj finetune`. Accuracy on the `{args.eval_split}` split: **{accuracy:.2f}%**.
-Classes: {", ".join(class_names)}.
-
-```python
-from transformers import pipeline
-classifier = pipeline("image-classification", model="{name}"{trust})
-```
-{trust_note}"""
-    return ModelCard(content)
-
-
 def push_result(output_dir: Path, repo_id: str, private: bool) -> str:
-    """Upload the fine-tuned model (not the checkpoints) with huggingface_hub; returns the commit URL."""
-    api = HfApi(token=get_token())
-    try:
-        repo = api.create_repo(repo_id, private=private, exist_ok=True)
-        commit = api.upload_folder(repo_id=repo.repo_id, folder_path=output_dir, commit_message="Upload fine-tuned "
-                                   "classifier (hf-ibproj finetune)", ignore_patterns=["checkpoints/**", ".*"])
-    except HfHubHTTPError as error:
-        raise PushError(f"push to {repo_id!r} on {api.endpoint} failed: {error}. The fine-tuned model is saved in "
-                        f"{output_dir}; push it again with `hf upload {repo_id} {output_dir}`.") from None
-    return commit.commit_url
+    """Upload the fine-tuned model (not its checkpoints or hidden files); returns the commit URL."""
+    return push_folder(
+        output_dir, repo_id, private=private, commit_message="Upload fine-tuned classifier (hf-ibproj finetune)",
+        ignore_patterns=[f"{CHECKPOINTS}/**", ".*"],
+        retry=f"The fine-tuned model is saved in {output_dir}; push it again with `hf upload {repo_id} {output_dir}`.",
+    )
 
 
 # --------------------------------------------------------------------------------------------- main
@@ -324,14 +274,12 @@ def finetune(args: FinetuneArguments) -> dict[str, Any]:
     Bad input raises ValueError / OSError before anything is written; a failed push raises PushError after the
     result is saved.
     """
-    if args.push_to_hub is not None and get_token() is None:  # before any work, as `hf-ibproj push` does
-        raise ValueError("--push-to-hub needs a Hugging Face token: set HF_TOKEN or log in with `hf auth login`.")
+    if args.push_to_hub is not None:
+        check_push_access(args.push_to_hub)  # no token fails before any work, as `hf-ibproj push` does
     # Without cpu=True on a machine without GPUs, `accelerate launch --multi_gpu` starts independent runs
-    # instead of one gloo process group (DESIGN.md, Distributed).
+    # instead of one gloo process group.
     use_cpu = not torch.cuda.is_available() or parse_flag_from_env("ACCELERATE_USE_CPU")
-    mixed_precision = args.mixed_precision
-    if mixed_precision == "auto":
-        mixed_precision = "bf16" if has_native_bf16(PartialState(cpu=use_cpu).device) else "no"
+    mixed_precision = resolve_mixed_precision(args.mixed_precision, PartialState(cpu=use_cpu).device)
     accelerator = Accelerator(cpu=use_cpu, mixed_precision=mixed_precision, dataloader_config=DataLoaderConfiguration(
         use_seedable_sampler=True, data_seed=args.seed))  # the epoch's order: a function of (seed, epoch)
     output_dir = Path(args.output_dir)
@@ -373,7 +321,7 @@ def finetune(args: FinetuneArguments) -> dict[str, Any]:
     step = 0
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint))
-        step = int(checkpoint.name.removeprefix(CHECKPOINT_PREFIX))
+        step = checkpoint_step(checkpoint)
     elif accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         write_json(output_dir / ARGUMENTS_FILE, dataclasses.asdict(args))
@@ -414,7 +362,7 @@ def finetune(args: FinetuneArguments) -> dict[str, Any]:
                "base_model": source.base_model, "dataset": args.dataset, "data_config": data_config,
                "num_processes": accelerator.num_processes, "epochs": args.epochs, "steps": step}
     if accelerator.is_main_process:
-        save_result(accelerator.unwrap_model(model), model_card(args, source, accuracy, class_names), results,
+        save_result(accelerator.unwrap_model(model), classifier_card(args, source, accuracy, class_names), results,
                     output_dir)
         if args.push_to_hub is not None:
             accelerator.print(f"pushed to {push_result(output_dir, args.push_to_hub, args.hub_private)}")

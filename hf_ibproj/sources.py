@@ -21,16 +21,12 @@ The preprocessing is the backbone's own (timm's pretrained_cfg, or the IBProjCon
 
 from __future__ import annotations
 
-import contextlib
 import json
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import timm
-import torch
-import yaml
 from huggingface_hub import ModelCard, hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError, HFValidationError
 from safetensors import safe_open
@@ -41,9 +37,9 @@ from transformers import AutoConfig, AutoModel
 from .backbones import create_backbone
 from .configuration_ibproj import IBProjConfig
 from .modeling_ibproj import IBProjModel
-from .runs import CHECKPOINT_PREFIX, latest_checkpoint
+from .runs import RunFolder, is_checkpoint_dir
+from .seeding import seeded
 
-PLOT_NAME = "information_plane.png"  # written by train.py into the run folder
 TIMM_WRAPPER_PREFIX = "timm_model."  # weight-name prefix of transformers' TimmWrapper models (finetune.py's output)
 
 
@@ -76,7 +72,7 @@ class Source:
         """The run's information-plane plot; a checkpoint's run plots steps after it, so it has none."""
         if self.run_dir is None or self.kind == "checkpoint":
             return None
-        path = self.run_dir / PLOT_NAME
+        path = RunFolder(self.run_dir).plot_file
         return path if path.is_file() else None
 
     def data_config(self, image_size: int | None = None) -> dict[str, Any]:
@@ -124,11 +120,6 @@ def is_exported_folder(folder: Path) -> bool:
     return "architecture" in _read_config(folder) and (folder / "model.safetensors").is_file()
 
 
-def is_checkpoint_folder(folder: Path) -> bool:
-    """RUN/checkpoints/step_N, written by `runs.save_checkpoint`."""
-    return folder.parent.name == "checkpoints" and folder.name.startswith(CHECKPOINT_PREFIX)
-
-
 # --------------------------------------------------------------------------------------------- resolution
 
 
@@ -172,21 +163,22 @@ def load_source(reference: IBProjModel | str | Path) -> Source:
 
 def _folder_source(path: Path, random_init: bool, seed: int) -> Source:
     if is_ibproj_folder(path):
-        if is_checkpoint_folder(path):
+        if is_checkpoint_dir(path):
             source = _ibproj_source(path, "checkpoint", random_init, seed)
             return _with_run_records(source, path.parent.parent, final=False)
         return _ibproj_source(path, "model", random_init, seed)
-    if is_ibproj_folder(path / "model"):
-        return _with_run_records(_ibproj_source(path / "model", "run", random_init, seed), path, final=True)
+    run = RunFolder(path)
+    if is_ibproj_folder(run.model_dir):
+        return _with_run_records(_ibproj_source(run.model_dir, "run", random_init, seed), path, final=True)
     config = _read_config(path)
     if "architecture" in config and (path / "model.safetensors").is_file():
         source = _timm_config_source(f"local-dir:{path}", str(path), path / "model.safetensors", random_init, seed)
         source.base_model = None if random_init else _card_base_model(path)
         return source
-    checkpoint = latest_checkpoint(path)
+    checkpoint = run.latest_checkpoint()
     if checkpoint is not None:
         raise SourceError(
-            f"run folder {str(path)!r} has no final model ({path / 'model'}) yet: its training has not finished. Pass "
+            f"run folder {str(path)!r} has no final model ({run.model_dir}) yet: its training has not finished. Pass "
             f"a checkpoint ({checkpoint}) or finish the run with `train.py --output-dir {path} --resume`."
         )
     if config.get("model_type") == IBProjConfig.model_type or "architecture" in config:
@@ -198,7 +190,7 @@ def _folder_source(path: Path, random_init: bool, seed: int) -> Source:
         )
     raise SourceError(
         f"folder {str(path)!r} holds no model: no IBProjModel (config.json with model_type 'ibproj' + "
-        "model.safetensors), no training run (model/), no timm folder (config.json with 'architecture')."
+        f"model.safetensors), no training run ({RunFolder.MODEL}/), no timm folder (config.json with 'architecture')."
     )
 
 
@@ -249,7 +241,7 @@ def _ibproj_source(weights: IBProjModel | Path | str, kind: str, random_init: bo
     """An IBProj source from an instance, a local folder (Path) or a Hub id (str)."""
     if random_init:
         config = weights.config if isinstance(weights, IBProjModel) else IBProjConfig.from_pretrained(weights)
-        with _seeded(seed):
+        with seeded(seed):
             backbone = create_backbone(config.backbone, **config.backbone_kwargs)
         return Source(backbone.eval(), ibproj_data_config(config), kind)
     model = weights if isinstance(weights, IBProjModel) else IBProjModel.from_pretrained(weights)
@@ -266,7 +258,7 @@ def _timm_config_source(timm_name: str, where: str, weights: Path | None, random
     # prefix timm does not load, and its preprocessing is in the config (transformers builds the timm model with
     # pretrained=False). AutoModel keeps the encoder and drops any classifier.
     config = AutoConfig.from_pretrained(where)
-    with _seeded(seed):
+    with seeded(seed):
         wrapper = AutoModel.from_config(config) if random_init else AutoModel.from_pretrained(where)
     pretrained_cfg = getattr(config, "pretrained_cfg", None) or wrapper.timm_model.pretrained_cfg  # else the arch's
     return Source(wrapper.timm_model.eval(), dict(pretrained_cfg), "timm folder")
@@ -279,33 +271,24 @@ def _saved_by_transformers(weights: Path) -> bool:
 
 def _create_timm(name: str, random_init: bool, seed: int) -> nn.Module:
     try:
-        with _seeded(seed):
+        with seeded(seed):
             return timm.create_model(name, pretrained=not random_init, num_classes=0).eval()
     except (OSError, ConnectionError, EntryNotFoundError) as error:
         raise SourceError(f"could not load the weights of {name!r}: {str(error).splitlines()[0]}") from error
 
 
 def _with_run_records(source: Source, run_dir: Path, final: bool) -> Source:
-    """Attach the run's config.yaml and run_info.json (and, for its final model, final_eval.json)."""
+    """Attach the run's configuration and run_info (and, for its final model, its final evaluation)."""
     if source.model is None:  # random init: nothing of the run describes fresh weights
         return source
-    source.run_dir = run_dir
-    config_file = run_dir / "config.yaml"
-    source.train_config = (yaml.safe_load(config_file.read_text()) or {}) if config_file.is_file() else {}
-    for name in ("run_info", "final_eval") if final else ("run_info",):
-        record = run_dir / f"{name}.json"
-        setattr(source, name, json.loads(record.read_text()) if record.is_file() else {})
+    run = RunFolder(run_dir)
+    source.run_dir = run.path
+    source.train_config, source.run_info = run.read_config(), run.read_info()
+    if final:
+        source.final_eval = run.read_final_eval()
     return source
 
 
 def _card_base_model(folder: Path) -> str | list[str] | None:
     readme = folder / "README.md"
     return ModelCard.load(readme).data.base_model if readme.is_file() else None
-
-
-@contextlib.contextmanager
-def _seeded(seed: int) -> Iterator[None]:
-    """Run a block with the CPU generator seeded, leaving the caller's random state untouched."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield

@@ -300,7 +300,7 @@ def test_card_metadata_and_training_summary(stock, small):
 
 
 def test_card_training_length_follows_the_budget_revision():
-    from hf_ibproj.hub import _training_length
+    from hf_ibproj.cards import _training_length
 
     plan = {"time_budget_min": 10.0, "total_steps": 434, "epochs": 1.85, "img_per_s": 228.7}
     revision = {**plan, "total_steps": 419, "epochs": 1.79, "img_per_s": 227.2}

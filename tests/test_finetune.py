@@ -172,11 +172,12 @@ def test_output_dir_and_resume_errors(color_dataset, backbone_folder, tmp_path, 
     assert finetune.main(flags(backbone_folder, color_dataset, out, "--epochs", "1", "--max-samples", "30")) == 2
     assert capsys.readouterr().err == (f"hf-ibproj finetune: error: --output-dir {out} is not empty; pass --resume "
                                        "to continue the run in it or choose another --output-dir.\n")
-    with pytest.raises(ValueError, match=r"--epochs 1 -> 2"):
+    with pytest.raises(ValueError, match=r"--epochs \(1 -> 2\)"):
         run(backbone_folder, color_dataset, out, "--epochs", "2", "--max-samples", "30", "--resume")
     for bad, message in ((["--epochs", "0"], "--epochs must be a positive integer"),
                            (["--min-crop-scale", "1.5"], "--min-crop-scale must be in"),
-                           (["--push-to-hub", "not a/valid id"], "invalid --push-to-hub")):
+                           (["--push-to-hub", "not a/valid id"],
+                            "--push-to-hub 'not a/valid id' is not a Hub repository id")):
         with pytest.raises(ValueError, match=message):
             run(backbone_folder, color_dataset, tmp_path / "never", *bad)
     assert not (tmp_path / "never").exists()

@@ -23,14 +23,8 @@ from huggingface_hub import HfApi, ModelCard, constants
 
 from hf_ibproj import IBProjModel, export_backbone
 from hf_ibproj.cli import main as cli_main
-from hf_ibproj.hub import (
-    RUN_RECORDS,
-    PushError,
-    download_run_checkpoint,
-    push_checkpoint,
-    push_to_hub,
-)
-from hf_ibproj.runs import latest_checkpoint, save_checkpoint
+from hf_ibproj.hub import PushError, download_run_checkpoint, push_checkpoint, push_to_hub
+from hf_ibproj.runs import RunFolder, latest_checkpoint, save_checkpoint
 from hub_server import FakeHub
 from test_export import features, make_model, make_run_folder, run_without_hf_ibproj, snapshot
 
@@ -290,7 +284,7 @@ def test_checkpoints_pushed_during_a_run_resume_on_another_machine(hub, tmp_path
     assert {name for name in files if name.startswith("last-checkpoint/")} == {
         f"last-checkpoint/{name}" for name in snapshot(second)}
     assert json.loads(files["last_checkpoint.json"]) == {"name": "step_00000024", "step": 24}
-    assert all(files[name] == (run.dir / name).read_bytes() for name in RUN_RECORDS)
+    assert all(files[name] == (run.dir / name).read_bytes() for name in RunFolder.RECORDS)
     _assert_token_in_no_file(hub, run.dir)
 
     # Another machine: an empty --output-dir gets the records and the checkpoint under its own name.
@@ -298,8 +292,8 @@ def test_checkpoints_pushed_during_a_run_resume_on_another_machine(hub, tmp_path
     restored = download_run_checkpoint(repo_id, elsewhere)
     assert restored == elsewhere / "checkpoints" / "step_00000024" == latest_checkpoint(elsewhere)
     assert snapshot(restored) == snapshot(second)
-    assert all((elsewhere / name).read_bytes() == (run.dir / name).read_bytes() for name in RUN_RECORDS)
-    assert sorted(p.name for p in elsewhere.iterdir()) == ["checkpoints", *sorted(RUN_RECORDS)]  # nothing staged
+    assert all((elsewhere / name).read_bytes() == (run.dir / name).read_bytes() for name in RunFolder.RECORDS)
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["checkpoints", *sorted(RunFolder.RECORDS)]  # nothing staged
     # accelerate restores the training state from it: the model's weights at step 24.
     trained = {k: v.clone() for k, v in run.model.state_dict().items()}
     with torch.no_grad():

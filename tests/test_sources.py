@@ -207,7 +207,8 @@ def fake_hub_session(monkeypatch, cache_dir):
 
 
 def test_hub_ids_resolve_through_the_hub_with_their_id_as_base_model(trained_model, images, tmp_path, monkeypatch):
-    from hf_ibproj.hub import export_backbone, push_to_hub
+    from hf_ibproj.export import export_backbone
+    from hf_ibproj.hub import push_to_hub
 
     export_backbone(trained_model, tmp_path / "backbone")
     with fake_hub_session(monkeypatch, tmp_path / "cache") as hub:
