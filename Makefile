@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	# pip here takes this torch pair from local disk (see DESIGN.md); elsewhere it downloads them
+	# the torch pair this project is tested with (a CUDA build that also runs on the CPU)
 	$(PY) -m pip install --quiet "torch==2.14.1" "torchvision==0.29.1"
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)

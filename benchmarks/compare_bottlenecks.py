@@ -1,4 +1,4 @@
-"""Projector bottlenecks compared (PAPER.md sections 3 and 7) on Fashion-MNIST at a budget where training matters.
+"""Projector bottlenecks compared (docs/method.md sections 3 and 7) on Fashion-MNIST at a budget where training matters.
 
     python benchmarks/compare_bottlenecks.py                # the whole protocol (2 runs side by side, resumable)
     python benchmarks/compare_bottlenecks.py --report-only  # tables and plots from the committed run summaries
@@ -60,14 +60,14 @@ import yaml  # noqa: E402
 from scipy import stats  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-import train  # noqa: E402  (train.py at the repository root)
 from hf_ibproj import IBProjConfig, IBProjModel  # noqa: E402
 from hf_ibproj.augmentation import TwoViewAugmentation  # noqa: E402
 from hf_ibproj.data import ImageData, load_image_data, stratified_indices  # noqa: E402
 from hf_ibproj.diagnostics import label_free_diagnostics  # noqa: E402
 from hf_ibproj.evaluation import evaluate_backbone  # noqa: E402
-from hf_ibproj.runs import latest_checkpoint, write_json  # noqa: E402
+from hf_ibproj.pretrain import NonFiniteLossError, pretrain  # noqa: E402
+from hf_ibproj.runs import RunFolder, latest_checkpoint, write_json  # noqa: E402
+from hf_ibproj.train_config import parse_train_config  # noqa: E402
 
 # Every run: train.py flags on top of configs/fashion_mnist_cpu.yaml. Width-8 small-stem ResNet-18 (64-d
 # features), 28 px, batch 256, MAX_STEPS LARS steps (about half an epoch of the 50,000 pretraining images), fp32
@@ -118,7 +118,7 @@ class Sizes:
 SMOKE_SIZES = Sizes(validation=128, probe_train=128, diagnostics=64, test=128, diagnostics_batch=32)
 SMOKE_TRAIN_SAMPLES = 512  # smoke only: the carved training split is cut to this many images
 
-# Per-objective projector settings (PAPER.md sections 3-4). Barlow Twins at projector width 1024 (paper 2048: at
+# Per-objective projector settings (docs/method.md sections 3-4). Barlow Twins at projector width 1024 (paper 2048: at
 # this backbone width the 2048^2 layers cost more than the whole encoder) and LARS lr 0.9 (the paper's ratio
 # 0.3 / 0.4 to SimCLR's preset lr 1.2). The sparse block: SimCLR replaces the MLP by it (2048 latents), Barlow
 # Twins puts it after the first [Linear-BN-ReLU] block (1024 latents), as the released code does.
@@ -149,7 +149,6 @@ SMOKE_SEARCH = {"simclr": {"mi_weight": (("1e-3", "1e-1"), "sweep"), "quantize_l
 SETTINGS = ("standard", "mi", "quantized", "sparse", "combined")
 SMOKE_SETTINGS = ("standard", "combined")
 SEARCH_SEED_START = 100
-TRAIN_DIVERGED = 1  # train.main's return code when the loss became non-finite (any other failure: 2 or an error)
 # Label-free diagnostics: the direction in which each should mean a better encoder (for "which would have picked").
 DIAGNOSTICS = {"rankme": +1, "alignment": -1, "uniformity": -1, "I(Z1;Z2)": -1, "H(Z1)": +1, "I(Z1;R)": +1,
                "lower_bound": +1, "upper_bound": +1}
@@ -320,8 +319,7 @@ def run_one(spec: RunSpec, budget: dict[str, str], data: EvaluationData, sizes: 
 
 def _finished(run_dir: Path) -> bool:
     """train.py writes wall_time_s into run_info.json (atomically) as the last step of a finished run."""
-    info = run_dir / "run_info.json"
-    return info.is_file() and "wall_time_s" in json.loads(info.read_text())
+    return "wall_time_s" in RunFolder(run_dir).read_info()
 
 
 def _run_in_child(spec: RunSpec, argv: list[str] | None, run_dir: Path, data: EvaluationData, sizes: Sizes,
@@ -333,18 +331,21 @@ def _run_in_child(spec: RunSpec, argv: list[str] | None, run_dir: Path, data: Ev
         # One thread per run and `jobs` runs side by side: on 2 shared cores, 2-thread OpenMP runs next to
         # other processes spin at barriers and ran ~5x slower than single-threaded ones here.
         torch.set_num_threads(threads)
-        code, train_seconds = 0, None
+        code, train_seconds, diverged = 0, None, False
         try:
             if argv is not None:
                 started = time.perf_counter()
-                code = train.main(argv)
+                config, args = parse_train_config(argv)
+                try:
+                    pretrain(config, resume=args.resume)
+                except NonFiniteLossError:  # a result, not a failure: this setting diverged (redone never)
+                    diverged = True
                 train_seconds = round(time.perf_counter() - started, 1)
-            if code == TRAIN_DIVERGED:  # a result, not a failure: this setting diverged (redone never)
-                summary, code = _summary_head(spec) | {"diverged": True, "linear_top1": None, "knn_top1": None}, 0
-            elif code == 0:
+            if diverged:
+                summary = _summary_head(spec) | {"diverged": True, "linear_top1": None, "knn_top1": None}
+            else:
                 summary = evaluate_run(spec, run_dir, data, sizes, budget)
-            if code == 0:
-                write_json(summary_path, {**summary, "train_time_s": train_seconds})
+            write_json(summary_path, {**summary, "train_time_s": train_seconds})
         except (ValueError, FileNotFoundError, FileExistsError) as error:
             print(f"compare_bottlenecks: error: {error}", file=sys.stderr)
             code = 2
@@ -365,13 +366,13 @@ def evaluate_run(spec: RunSpec, run_dir: Path, data: EvaluationData, sizes: Size
         pixels = data.probe_train.images.float().div(255)
         mean, std = [pixels.mean().item()], [pixels.std().item()]
     else:
-        model = IBProjModel.from_pretrained(run_dir / "model")
+        model = IBProjModel.from_pretrained(RunFolder(run_dir).model_dir)
         mean, std = model.config.image_mean, model.config.image_std
         backbone = model.backbone
         augment = TwoViewAugmentation("simclr", data.diagnostic_images.shape[-1], 1, mean, std)
         summary["label_free"] = label_free_diagnostics(model, data.diagnostic_images, mean, std, augment=augment,
                                                        batch_size=sizes.diagnostics_batch)
-        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        records = RunFolder(run_dir).metrics.read()
         last = [r for r in records if "I(Z1;Z2)" in r][-1:]
         summary["training_last"] = last[0] if last else None
         throughput = [r["img_per_s"] for r in records if "img_per_s" in r]

@@ -38,18 +38,18 @@ from pathlib import Path
 
 import timm
 import torch
-import yaml
 
 from hf_ibproj import IBProjModel
 from hf_ibproj.data import load_image_data
 from hf_ibproj.evaluation import evaluate_backbone
-from hf_ibproj.runs import has_native_bf16, write_json
-from hf_ibproj.train_config import DEFAULT_PRESET, RUN_CONFIG, TrainConfig, read_preset
+from hf_ibproj.precision import has_native_bf16
+from hf_ibproj.runs import RunFolder, write_json
+from hf_ibproj.train_config import DEFAULT_PRESET, TrainConfig, read_preset
 from lightly_recipe import LightlySimCLR, in_fresh_process, preset_uses_bf16, require_lightly
 
 ROOT = Path(__file__).resolve().parent.parent
 REFERENCE_CHANNELS = [32, 64, 128, 256]  # lightly at "width 32", whatever the default job's width
-LIGHTLY_BACKBONE = "resnet18_small"  # the small-stem ResNet-18 of PAPER.md section 6
+LIGHTLY_BACKBONE = "resnet18_small"  # the small-stem ResNet-18 of docs/method.md section 6
 LIGHTLY_BATCH, LIGHTLY_WORKERS = 256, 2
 PHASE_SHARE_LIMIT = 0.10  # a non-training phase above this share of the budget is a defect to fix or justify
 SEED = 0
@@ -144,10 +144,9 @@ def timed_train_py(arguments: list[str], log: Path, env: dict | None = None) -> 
 
 def read_train_py_records(run_dir: Path, wall_time: float) -> dict:
     """Training time, steps, img/s, its own evaluation and its phases, from the records of a finished run."""
-    run_info = json.loads((run_dir / "run_info.json").read_text())
-    final = json.loads((run_dir / "final_eval.json").read_text())
-    random_init = json.loads((run_dir / "random_init_eval.json").read_text())
-    config = yaml.safe_load((run_dir / RUN_CONFIG).read_text())
+    folder = RunFolder(run_dir)
+    run_info, final, config = folder.read_info(), folder.read_final_eval(), folder.read_config()
+    random_init = folder.read_random_init_eval()
     phases = job_phases(run_info, random_init["seconds"], final["trained"]["seconds"], wall_time)
     training_s = dict(phases)["training"]
     return {
@@ -156,7 +155,7 @@ def read_train_py_records(run_dir: Path, wall_time: float) -> dict:
         "epochs": round(run_info["total_steps"] / config["steps_per_epoch"], 2),
         "img_per_s": round(run_info["total_steps"] * config["global_batch_size"] / training_s, 1),
         "backbone_kwargs": config["backbone_kwargs"],
-        "plan": run_info.get("plan"), "plan_revision": run_info.get("plan_revision"),
+        "plan": run_info.get("plan"),
         "own_evaluation": {"linear_top1": final["linear_top1"], "knn_top1": final["knn_top1"]},
         "phases": [{"phase": name, "seconds": round(seconds, 1)} for name, seconds in phases],
     }
@@ -167,14 +166,10 @@ def job_phases(run_info: dict, random_init_phases: dict, final_phases: dict,
     """(phase, seconds) of train.py's run from its records; the phases add up to its wall time.
 
     run_info["phases"] holds seconds since process start at the end of training, evaluation and export; the
-    evaluations' own `seconds` (feature extraction, linear probe, kNN) split them further. The training starts at
-    `training_start_s` where train.py records it, else where its plan puts it: the time of the planning step less
-    the steps before it at the measured step time.
+    evaluations' own `seconds` (feature extraction, linear probe, kNN) split them further.
     """
     marks = run_info["phases"]
-    plan = run_info["plan"]
-    training_start = marks.get("training_start_s",
-                               plan["elapsed_at_plan_s"] - plan["planned_at_step"] * plan["step_s"])
+    training_start = marks["training_start_s"]
     random_init = sum(random_init_phases.values())
     final = sum(final_phases.values())
     phases = [("start-up and data loading", training_start - random_init), ("random-init evaluation", random_init),
@@ -244,7 +239,7 @@ def save_timm_folder(backbone: torch.nn.Module, folder: Path, backbone_kwargs: d
 def load_for_scoring(side: str, out: Path) -> tuple[torch.nn.Module, list[float], list[float]]:
     """The trained backbone of a side and the mean / std it was trained with."""
     if side == "train_py":
-        model = IBProjModel.from_pretrained(out / "train_py" / "model")
+        model = IBProjModel.from_pretrained(RunFolder(out / "train_py").model_dir)
         return model.backbone, list(model.config.image_mean), list(model.config.image_std)
     backbone = timm.create_model(f"local-dir:{out / side}", pretrained=True)
     data_config = timm.data.resolve_data_config(model=backbone)

@@ -19,7 +19,6 @@ data at all): its img/s over lightly's bounds the ratio any data pipeline could 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -28,12 +27,11 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-import train  # noqa: E402  (train.py at the repository root)
 from hf_ibproj import IBProjModel  # noqa: E402
 from hf_ibproj.data import load_image_data  # noqa: E402
-from hf_ibproj.train_config import DEFAULT_PRESET, TrainConfig  # noqa: E402
+from hf_ibproj.pretrain import pretrain  # noqa: E402
+from hf_ibproj.runs import RunFolder  # noqa: E402
+from hf_ibproj.train_config import DEFAULT_PRESET, TrainConfig, parse_train_config  # noqa: E402
 from lightly_recipe import (  # noqa: E402
     LightlySimCLR, cpu_autocast, in_fresh_process, preset_uses_bf16, require_lightly)
 
@@ -46,9 +44,8 @@ def train_py_rate(config_argv: list[str], config: TrainConfig, steps: int, warmu
     argv = config_argv + ["--output-dir", str(out_dir), "--max-samples", str((warmup + steps) * config.batch_size),
                           "--epochs", "1", "--log-every", "1", "--diagnostics-every", "1000000", "--tracker", "none",
                           "--final-eval", "false", "--export-backbone", "false", "--eval-split", "none"]
-    if train.main(argv) != 0:
-        raise RuntimeError("train.py failed")
-    records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    pretrain(parse_train_config(argv)[0])
+    records = RunFolder(out_dir).metrics.read()
     seconds = sum(config.batch_size / r["img_per_s"] for r in records if "img_per_s" in r and r["step"] > warmup)
     return steps * config.batch_size / seconds
 
@@ -111,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--{name} must be a positive integer")
     config_argv = ["--config", args.config] + [a for k, v in overrides.items()
                                                for a in (f"--{k.replace('_', '-')}", v)]
-    config, _ = train.parse_train_config(config_argv)
+    config, _ = parse_train_config(config_argv)
     if config.objective != "simclr":
         parser.error(f"the preset {args.config} trains {config.objective}; this benchmark compares SimCLR recipes")
 

@@ -62,7 +62,7 @@ CANDIDATES = {
     "tau-0.3": ["--nt-xent-tau", "0.3"],
     # half the learning rate (LARS 1.2 is the preset's; solo-learn uses 0.4 at batch 256)
     "lr-0.6": ["--lr", "0.6"],
-    # the paper's bottleneck on (PAPER.md section 3: lambda 1e-4 on CIFAR)
+    # the paper's bottleneck on (docs/method.md section 3: lambda 1e-4 on CIFAR)
     "mi-1e-4": ["--mi-weight", "1e-4"],
     # twice the width: fewer steps in the same budget
     "width-32": ["--backbone-kwargs", "{channels: [32, 64, 128, 256]}"],

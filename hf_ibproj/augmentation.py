@@ -1,10 +1,9 @@
-"""Two-view augmentation for contrastive pretraining, run on whole batches (PAPER.md section 6).
+"""Two-view augmentation for contrastive pretraining, run on whole batches (docs/method.md section 6).
 
-Augmentation is the hot path on a small machine (DESIGN.md, Data): decoding and augmenting per sample
-with PIL in loader workers runs at ~2,000 img/s on 2 cores, while kornia augments a whole uint8 batch on
-the training device with independent random parameters for every sample. (torchvision v2 applied to a
-batched tensor draws ONE parameter set for the whole batch, which would make every image in the batch
-share its crop, so it is not used here.)
+Augmentation is the hot path on a small machine: kornia augments a whole uint8 batch on the training device
+with independent random parameters for every sample, several times faster than PIL per sample in loader workers
+(benchmarks/RESULTS.md). torchvision v2 on a batched tensor draws ONE parameter set for the whole batch, which would
+give every image of the batch the same crop, so it is not used here.
 """
 
 from __future__ import annotations
@@ -17,9 +16,9 @@ from torch import nn
 
 PRESETS = ("simclr", "barlow_twins")
 
-# Solarize threshold 128 on 8-bit images (PAPER.md section 6), on images scaled to [0, 1].
+# Solarize threshold 128 on 8-bit images (docs/method.md section 6), on images scaled to [0, 1].
 SOLARIZE_THRESHOLD = 128 / 255
-# Smallest area fraction of the random resized crop (PAPER.md section 6; SimCLR, lightly and solo-learn use it too).
+# Smallest area fraction of the random resized crop (docs/method.md section 6; SimCLR, lightly and solo-learn use it too).
 CROP_MIN_SCALE = 0.08
 # Barlow Twins solarizes the second view (and any later one) with this probability, never the first.
 BARLOW_SOLARIZE_P = 0.2
@@ -68,7 +67,7 @@ def default_blur_kernel_size(image_size: int) -> int:
 
 def _shared_view_pipeline(preset: str, image_size: int, channels: int, crop_min_scale: float,
                           blur_kernel: int) -> nn.Sequential:
-    """The part of the recipe every view shares (PAPER.md section 6), with per-sample random parameters.
+    """The part of the recipe every view shares (docs/method.md section 6), with per-sample random parameters.
 
     With one channel only brightness and contrast jitter apply: saturation, hue and grayscale need colour.
     """
@@ -95,7 +94,7 @@ def _shared_view_pipeline(preset: str, image_size: int, channels: int, crop_min_
 class TwoViewAugmentation(nn.Module):
     """Batch -> `num_views` independently augmented, normalized views: (B, C, H, W) -> (B, V, C, S, S) float32.
 
-    Presets (PAPER.md section 6):
+    Presets (docs/method.md section 6):
       simclr        symmetric: crop 0.08-1 (bicubic), flip 0.5, ColorJitter(0.8, 0.8, 0.8, 0.2) p=0.8,
                     grayscale p=0.2, Gaussian blur p=0.5 (sigma 0.1-2, kernel ~10% of the side).
       barlow_twins  asymmetric: crop 0.08-1, flip 0.5, ColorJitter(0.4, 0.4, 0.2, 0.1) p=0.8, grayscale

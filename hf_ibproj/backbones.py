@@ -1,4 +1,4 @@
-"""timm backbone factory; the small-image ResNets of PAPER.md section 6 live in `modeling_small_resnet`.
+"""timm backbone factory; the small-image ResNets of docs/method.md section 6 live in `modeling_small_resnet`.
 
 Importing this module registers those variants (`resnet18_small`, `resnet34_small`, `resnet50_small`) with timm;
 after that import, `timm.create_model("resnet18_small", in_chans=1, channels=(32, 64, 128, 256))` works anywhere.

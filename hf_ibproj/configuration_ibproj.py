@@ -1,4 +1,4 @@
-"""`IBProjConfig`: everything needed to rebuild an encoder + bottleneck projector (PAPER.md sections 3-4)."""
+"""`IBProjConfig`: everything needed to rebuild an encoder + bottleneck projector (docs/method.md sections 3-4)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from .backbones import SMALL_RESNETS  # importing it registers the small-image R
 
 OBJECTIVES = ("simclr", "barlow_twins")
 
-# Paper defaults per objective (PAPER.md section 4 and 3c).
+# Paper defaults per objective (docs/method.md section 4 and 3c).
 _PROJECTOR_DEFAULTS = {
     # SimCLR: Linear(d, 2048) - ReLU - Linear(2048, 256), no BatchNorm.
     "simclr": {"hidden_dims": [2048], "out_dim": 256, "batch_norm": False},
@@ -19,12 +19,12 @@ _PROJECTOR_DEFAULTS = {
     "barlow_twins": {"hidden_dims": [2048, 2048], "out_dim": 2048, "batch_norm": True},
 }
 # With the sparse block on, the released code replaces the whole SimCLR MLP by the block and keeps
-# only the first [Linear-BN-ReLU] block of Barlow Twins in front of it (PAPER.md section 3c).
+# only the first [Linear-BN-ReLU] block of Barlow Twins in front of it (docs/method.md section 3c).
 _SPARSE_PROJECTOR_DEFAULTS = {
     "simclr": {"hidden_dims": [], "out_dim": 0},
     "barlow_twins": {"hidden_dims": [2048], "out_dim": 0},
 }
-# Paper sparsity k = ratio * latent size (PAPER.md section 3c).
+# Paper sparsity k = ratio * latent size (docs/method.md section 3c).
 _SPARSE_TOPK_RATIO = {"simclr": 0.001, "barlow_twins": 0.2}
 
 
@@ -40,10 +40,10 @@ class IBProjConfig(PreTrainedConfig):
         projector_hidden_dims: widths of the [Linear-(BN)-ReLU] blocks; `None` takes the paper default.
         projector_out_dim: width of the final plain Linear; 0 means none; `None` takes the paper default.
         projector_batch_norm: BatchNorm in the hidden blocks; `None` takes the paper default.
-        mi_weight: lambda of the matrix-MI penalty lambda * I_alpha(Z1;Z2) (PAPER.md 3a; paper 1e-4 CIFAR).
+        mi_weight: lambda of the matrix-MI penalty lambda * I_alpha(Z1;Z2) (docs/method.md 3a; paper 1e-4 CIFAR).
         mi_alpha: Renyi order alpha of that penalty (paper: 2).
-        quantize_levels: FSQ levels L per projector dimension (PAPER.md 3b); 0 = off, paper 30 SimCLR / 3 BT.
-        sparse_latent_dim: latent size of the top-k sparse block (PAPER.md 3c); 0 = off.
+        quantize_levels: FSQ levels L per projector dimension (docs/method.md 3b); 0 = off, paper 30 SimCLR / 3 BT.
+        sparse_latent_dim: latent size of the top-k sparse block (docs/method.md 3c); 0 = off.
         sparse_topk: active latents k; `None` takes the paper ratio (0.001 SimCLR, 0.2 Barlow Twins).
         nt_xent_tau: NT-Xent temperature (paper 0.2). Not named `temperature`: transformers reserves it.
         barlow_lambda: weight of the off-diagonal Barlow Twins term (0.0051).

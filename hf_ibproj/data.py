@@ -1,4 +1,4 @@
-"""Image datasets through Hugging Face `datasets`, decoded once to uint8 tensors (DESIGN.md, Data).
+"""Image datasets through Hugging Face `datasets`, decoded once to uint8 tensors.
 
 Sources: a Hub dataset id, a local folder (`imagefolder` class sub-folders, or parquet/csv files), a
 `save_to_disk` folder, or the built-in name `fashion_mnist` (Debian's package `dataset-fashion-mnist` when

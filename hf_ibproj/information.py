@@ -1,4 +1,4 @@
-"""Matrix-based Renyi entropy and mutual information (PAPER.md section 2).
+"""Matrix-based Renyi entropy and mutual information (docs/method.md section 2).
 
 Written by hand: these estimators are the paper's own quantities, no maintained library provides them.
 All math runs in float32 or better, whatever the autocast dtype. Values are in nats.

@@ -24,12 +24,12 @@ class IBProjModelOutput(ModelOutput):
     """Output of [`IBProjModel.forward`].
 
     Args:
-        loss: total loss, `ssl_loss + mi_weight * mi_loss` (PAPER.md 3a).
+        loss: total loss, `ssl_loss + mi_weight * mi_loss` (docs/method.md 3a).
         ssl_loss: the objective on the projections Z2.
         mi_loss: I_alpha(Z1;Z2) on the local batch; `None` when `mi_weight` is 0 (never computed then).
         encoder_features: Z1, pooled encoder features, (views * batch, num_features), views major.
         projections: Z2, projector outputs, (views * batch, projector dim), views major.
-        diagnostics: on request, the information-plane quantities of PAPER.md section 5 (no gradient).
+        diagnostics: on request, the information-plane quantities of docs/method.md section 5 (no gradient).
     """
 
     loss: torch.Tensor | None = None
@@ -111,7 +111,7 @@ class IBProjModel(IBProjPreTrainedModel):
         return_diagnostics: bool = False,
         return_dict: bool | None = None,
     ) -> IBProjModelOutput | tuple:
-        """Encode every view, project, and return the total loss (PAPER.md 3a).
+        """Encode every view, project, and return the total loss (docs/method.md 3a).
 
         Args:
             pixel_values: the views of a batch, a tensor (batch, views, C, H, W) or a list of (batch, C, H, W).
@@ -133,7 +133,7 @@ class IBProjModel(IBProjPreTrainedModel):
 
     @torch.no_grad()
     def information_diagnostics(self, z1: torch.Tensor, z2: torch.Tensor, num_views: int) -> dict[str, torch.Tensor]:
-        """PAPER.md section 5: I(Z1;R) as minus the SSL loss on the encoder features, I(Z1;Z2), H(Z1), the bounds."""
+        """docs/method.md section 5: I(Z1;R) as minus the SSL loss on the encoder features, I(Z1;Z2), H(Z1), the bounds."""
         alpha = self.config.mi_alpha
         i_z1_r = -self.ssl_loss(z1.unflatten(0, (num_views, -1)))
         i_z1_z2 = matrix_mutual_information(z1, z2, alpha)

@@ -1,4 +1,4 @@
-"""The small-image ResNets of PAPER.md section 6 (3x3 stride-1 stem, no max-pool) for timm and transformers.
+"""The small-image ResNets of docs/method.md section 6 (3x3 stride-1 stem, no max-pool) for timm and transformers.
 
 No stock timm architecture with JSON model_args expresses this stem, so this file travels with every exported
 small-ResNet backbone (and every saved IBProjModel): transformers loads it from the folder with

@@ -1,4 +1,4 @@
-"""Self-supervised objectives (PAPER.md section 4), correct under torch.distributed.
+"""Self-supervised objectives (docs/method.md section 4), correct under torch.distributed.
 
 Written by hand because the distributed gradients are the point: NT-Xent gathers negatives from every
 process WITH gradient, Barlow Twins reduces its batch statistics and cross-correlation WITH gradient

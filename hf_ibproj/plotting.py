@@ -1,4 +1,4 @@
-"""The information-plane plot of a run (PAPER.md section 5, the paper's Figures 2, 3 and 5)."""
+"""The information-plane plot of a run (docs/method.md section 5, the paper's Figures 2, 3 and 5)."""
 
 from __future__ import annotations
 

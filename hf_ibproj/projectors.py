@@ -1,4 +1,4 @@
-"""Projection heads and the two structural bottlenecks of PAPER.md section 3.
+"""Projection heads and the two structural bottlenecks of docs/method.md section 3.
 
 Composed in the paper's forward order: MLP -> top-k sparse block -> FSQ quantizer. The sparse block and
 the quantizer are the paper's own constructions, so they are written here by hand.
@@ -16,7 +16,7 @@ from .configuration_ibproj import IBProjConfig
 
 
 class MLPHead(nn.Sequential):
-    """[Linear - (BatchNorm1d) - ReLU] per hidden width, then an optional plain Linear (PAPER.md section 4)."""
+    """[Linear - (BatchNorm1d) - ReLU] per hidden width, then an optional plain Linear (docs/method.md section 4)."""
 
     def __init__(self, in_dim: int, hidden_dims: list[int], out_dim: int = 0, batch_norm: bool = False) -> None:
         layers: list[nn.Module] = []
@@ -34,7 +34,7 @@ class MLPHead(nn.Sequential):
 
 
 class TopKSparseBlock(nn.Module):
-    """Top-k sparse autoencoder block without reconstruction loss (PAPER.md section 3c).
+    """Top-k sparse autoencoder block without reconstruction loss (docs/method.md section 3c).
 
         u = ReLU(W_enc (h - b_pre) + b_enc);  s = top-k(u) per row;  z2 = W_dec s + b_dec + b_pre
     """
@@ -65,7 +65,7 @@ class TopKSparseBlock(nn.Module):
 class FSQuantizer(nn.Module):
     """Finite scalar quantization of every dimension to `levels` values with a straight-through estimator.
 
-    PAPER.md section 3b; `atanh` for the even-L shift as the paper intends (the released code writes `tan`).
+    docs/method.md section 3b; `atanh` for the even-L shift as the paper intends (the released code writes `tan`).
     Odd L gives {-1, ..., 0, ..., 1} in steps of 1/(L//2).
     """
 

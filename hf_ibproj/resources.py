@@ -1,6 +1,6 @@
 """Where the model-card templates and the training presets are, however hf_ibproj was installed.
 
-The repository keeps them in its top-level model_cards/ and configs/ folders (DESIGN.md's layout); a wheel or a
+The repository keeps them in its top-level model_cards/ and configs/ folders; a wheel or a
 non-editable install ships those same folders as package data inside hf_ibproj/ (pyproject.toml maps them there),
 so a source checkout and an installed package each find the one copy they have.
 """

@@ -1,4 +1,4 @@
-"""TwoViewAugmentation and to_model_input (PAPER.md section 6): shapes, per-sample / per-view randomness,
+"""TwoViewAugmentation and to_model_input (docs/method.md section 6): shapes, per-sample / per-view randomness,
 determinism, normalization against closed forms, Barlow Twins' solarization asymmetry."""
 
 import pytest

@@ -1,4 +1,4 @@
-"""Matrix-based Renyi entropy / mutual information (PAPER.md section 2) against independent float64 references."""
+"""Matrix-based Renyi entropy / mutual information (docs/method.md section 2) against independent float64 references."""
 
 from __future__ import annotations
 

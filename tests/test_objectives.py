@@ -1,4 +1,4 @@
-"""NT-Xent and Barlow Twins (PAPER.md section 4) against naive formulas, in one process and across two processes."""
+"""NT-Xent and Barlow Twins (docs/method.md section 4) against naive formulas, in one process and across two processes."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The bottleneck projectors of PAPER.md section 3 (FSQ quantizer, top-k sparse block) against closed forms."""
+"""The bottleneck projectors of docs/method.md section 3 (FSQ quantizer, top-k sparse block) against closed forms."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from hf_ibproj import IBProjConfig
 from hf_ibproj.projectors import FSQuantizer, Projector, TopKSparseBlock
 
 
-# ---- FSQ quantizer (PAPER.md 3b) ----
+# ---- FSQ quantizer (docs/method.md 3b) ----
 
 def expected_levels(levels: int) -> set[float]:
     """The values round(b) / (L // 2) can take, b = tanh(.) * half - offset ranging over [-half - offset, half - offset]."""
@@ -48,7 +48,7 @@ def test_quantizer_straight_through_gradient(levels):
     FSQuantizer(levels)(z).sum().backward()
     half = (levels - 1) * (1 - 1e-3) / 2
     offset = 0.5 if levels % 2 == 0 else 0.0
-    # PAPER.md 3b: atanh; for L = 2 (offset / half > 1, atanh undefined) the released code's tan
+    # docs/method.md 3b: atanh; for L = 2 (offset / half > 1, atanh undefined) the released code's tan
     shift = math.atanh(offset / half) if levels != 2 else math.tan(offset / half)
     # d/dz [tanh(z + shift) * half - offset] / (L // 2)
     expected = half * (1 - torch.tanh(z.detach() + shift) ** 2) / (levels // 2)
@@ -61,7 +61,7 @@ def test_quantizer_rejects_fewer_than_two_levels(levels):
         FSQuantizer(levels)
 
 
-# ---- top-k sparse block (PAPER.md 3c) ----
+# ---- top-k sparse block (docs/method.md 3c) ----
 
 def _sparse_block(dim=6, latent=40, k=5, seed=0) -> TopKSparseBlock:
     torch.manual_seed(seed)
@@ -72,7 +72,7 @@ def _sparse_block(dim=6, latent=40, k=5, seed=0) -> TopKSparseBlock:
 
 
 def _naive_sparse_forward(block: TopKSparseBlock, h: torch.Tensor) -> tuple[list[list[float]], torch.Tensor]:
-    """u, s and z2 of PAPER.md 3c with Python loops."""
+    """u, s and z2 of docs/method.md 3c with Python loops."""
     w_enc, b_enc = block.encoder.weight.tolist(), block.encoder.bias.tolist()
     w_dec, b_dec = block.decoder.weight.tolist(), block.decoder.bias.tolist()
     b_pre = block.pre_bias.tolist()

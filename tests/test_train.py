@@ -17,6 +17,11 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from hf_ibproj import TrainConfig, pretrain
+from hf_ibproj.budget import MIN_TIMED_STEPS, SKIP_STEPS
+from hf_ibproj.pretrain import main
+from hf_ibproj.train_config import parse_train_config
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/hub_server.py
 TINY = [
@@ -116,6 +121,27 @@ def test_two_processes_scale_batch_and_lr_and_only_main_writes(tiny_dataset, tmp
     assert (out / "model" / "model.safetensors").exists()
 
 
+def test_pretrain_runs_under_accelerates_notebook_launcher(tiny_dataset, tmp_path):
+    # A notebook's cell, in a fresh interpreter: two CPU processes forked by notebook_launcher, one gloo group.
+    out = tmp_path / "notebook"
+    cell = f"""
+from accelerate import notebook_launcher
+from hf_ibproj import TrainConfig, pretrain
+config = TrainConfig(dataset={str(tiny_dataset)!r}, epochs=1, output_dir={str(out)!r}, tracker="none",
+                     export_backbone=False, channels=1, image_size=16, backbone_kwargs={{"channels": [8, 16, 32, 64]}},
+                     projector_hidden_dims=[32], projector_out_dim=16, batch_size=16, lr=0.1, warmup_epochs=0.5,
+                     mixed_precision="no", log_every=2, knn_train_samples=64, knn_eval_samples=32, num_workers=0)
+notebook_launcher(pretrain, (config,), num_processes=2)
+"""
+    result = subprocess.run([sys.executable, "-c", cell], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    resolved = yaml.safe_load((out / "config.yaml").read_text())
+    assert resolved["num_processes"] == 2 and resolved["steps_per_epoch"] == 128 // 32
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [2, 4]  # the main process alone writes
+    assert (out / "model" / "model.safetensors").exists() and (out / "final_eval.json").exists()
+
+
 def _kill_after_first_checkpoint(args: list[str], out: Path) -> None:
     process = subprocess.Popen([sys.executable, str(REPO / "train.py"), *args, "--output-dir", str(out)],
                                cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -159,21 +185,21 @@ def test_killed_run_resumes_from_its_own_configuration_to_the_same_weights(tiny_
     assert info["command"].endswith(str(killed)) and len(info["resumes"]) == 1
 
 
-def test_resume_refuses_flags_that_change_the_run(train_module, one_epoch_run, tmp_path):
+def test_resume_refuses_flags_that_change_the_run(one_epoch_run, tmp_path):
     out = one_epoch_run
     stored = (out / "config.yaml").read_bytes()
     for flags, named in ((["--objective", "barlow_twins"], "--objective"), (["--lr", "0.5"], "--lr"),
                          (["--dataset", "fashion_mnist"], "--dataset"), (["--epochs", "5"], "--epochs"),
                          (["--crop-min-scale", "0.5"], "--crop-min-scale")):
         with pytest.raises(ValueError, match=f"{named} .*would change"):
-            train_module.main(["--output-dir", str(out), "--resume", *flags])
+            main(["--output-dir", str(out), "--resume", *flags])
     with pytest.raises(ValueError, match="drop --config"):
-        train_module.main(["--output-dir", str(out), "--resume", "--config", "configs/cifar10_simclr.yaml"])
+        main(["--output-dir", str(out), "--resume", "--config", "configs/cifar10_simclr.yaml"])
     with pytest.raises(FileNotFoundError, match="config.yaml"):
-        train_module.main(["--output-dir", str(tmp_path / "elsewhere"), "--resume"])
+        main(["--output-dir", str(tmp_path / "elsewhere"), "--resume"])
     assert (out / "config.yaml").read_bytes() == stored
     # the same value as stored, or a flag that changes nothing of the result, is accepted
-    config, _ = train_module.parse_train_config(["--output-dir", str(out), "--resume", "--lr", "0.1",
+    config, _ = parse_train_config(["--output-dir", str(out), "--resume", "--lr", "0.1",
                                                  "--tracker", "tensorboard", "--log-every", "1"])
     assert config.lr == 0.1 and config.tracker == "tensorboard" and config.batch_size == 16
 
@@ -201,7 +227,7 @@ def test_checkpoints_are_model_folders(one_epoch_run, tiny_dataset, tmp_path):
     assert (tmp_path / "eval" / "eval_results.json").is_file()
 
 
-def test_one_optimizer_step_per_training_step(train_module, tiny_dataset, tmp_path, monkeypatch):
+def test_one_optimizer_step_per_training_step(tiny_dataset, tmp_path, monkeypatch):
     # Under fp16 every prepared optimizer's step() updates accelerate's grad scaler; fp16 cannot run on this CPU, so
     # count the prepared optimizers' steps: one per optimizer step means one scaler update per step.
     from accelerate.optimizer import AcceleratedOptimizer
@@ -210,108 +236,12 @@ def test_one_optimizer_step_per_training_step(train_module, tiny_dataset, tmp_pa
     original = AcceleratedOptimizer.step
     monkeypatch.setattr(AcceleratedOptimizer, "step", lambda self, *a, **k: (calls.append(id(self)), original(self, *a, **k))[1])
     out = tmp_path / "run"
-    assert train_module.main(["--dataset", str(tiny_dataset), "--epochs", "1", "--output-dir", str(out),
+    assert main(["--dataset", str(tiny_dataset), "--epochs", "1", "--output-dir", str(out),
                               "--tracker", "none", "--no-final-eval", "--no-export-backbone", *TINY]) == 0
     assert len(calls) == 8 and len(set(calls)) == 1  # 128 images / 16 per step, one optimizer
 
 
-def test_evaluation_estimate_extrapolates_the_random_init_evaluation_to_the_full_splits(train_module):
-    random_init = {"seconds": {"feature_extraction": 6.0, "linear_probe": 2.0, "knn": 0.5, "label_free": 1.0},
-                   "num_train": 1000, "num_test": 200}
-    margin = train_module.FINAL_EVAL_MARGIN
-    final, monitor = train_module.evaluation_estimate(random_init, (6000, 1000), (1000, 200))
-    # 7000 of 1200 images extracted, a probe on 6x the rows, kNN on 6 x 5 = 30x the pairs, the same 1000 diagnostics
-    assert final == pytest.approx(train_module.FINAL_SAVE_SECONDS + margin * (6.0 * 7000 / 1200 + 2.0 * 6 + 0.5 * 30
-                                                                             + 1.0))
-    assert monitor == pytest.approx(margin * (6.0 + 0.5 + 1.0))  # the floor ran on the monitor's subsets: no probe
-    # a floor stored with other sizes (an older run folder: the full splits) is scaled down to the monitor's
-    _, monitor = train_module.evaluation_estimate(random_init, (1000, 200), (500, 100))
-    assert monitor == pytest.approx(margin * (6.0 * 600 / 1200 + 0.5 * 0.25 + 1.0))
-    assert train_module.evaluation_estimate(None, (6000, 1000), (1000, 200)) == (train_module.FINAL_SAVE_SECONDS, 0.0)
-
-
-def test_revised_estimate_takes_the_measured_monitor_in_place_of_the_margin(train_module):
-    random_init = {"seconds": {"feature_extraction": 6.0, "linear_probe": 2.0, "knn": 0.5, "label_free": 1.0},
-                   "num_train": 1000, "num_test": 200}
-    margin = train_module.FINAL_EVAL_MARGIN
-    # the monitor extrapolates to 6 + 0.5 + 1 = 7.5 s at ratio 1 and took 3 s: the final phase's extraction, kNN and
-    # diagnostics are taken at 3 / 7.5, its probe (6x the rows) still at the margin
-    final, monitor, ratio = train_module.revised_estimate(random_init, (6000, 1000), (1000, 200), 3.0)
-    assert ratio == pytest.approx(0.4) and monitor == 3.0
-    assert final == pytest.approx(train_module.FINAL_SAVE_SECONDS + 0.4 * (6.0 * 7000 / 1200 + 0.5 * 30 + 1.0)
-                                  + margin * 2.0 * 6)
-    # no floor (--no-final-eval): the monitors as measured, the final phase only the saving
-    assert train_module.revised_estimate(None, (6000, 1000), (1000, 200), 3.0) == (
-        train_module.FINAL_SAVE_SECONDS, 3.0, None)
-    # a monitor that extrapolates to under a second is too short to time: the margin stays
-    tiny = {"seconds": {"feature_extraction": 0.01, "linear_probe": 0.01, "knn": 0.0, "label_free": 0.0},
-            "num_train": 1000, "num_test": 200}
-    assert train_module.revised_estimate(tiny, (6000, 1000), (1000, 200), 0.5)[2] == margin
-
-
-def test_time_budget_plan_fills_the_budget_with_a_fake_clock(train_module, monkeypatch):
-    config = train_module.TrainConfig(time_budget=2.0, batch_size=256, warmup_epochs=1.25)
-    progress = train_module.TrainingProgress(10**6, 50, planned=False)
-    progress.step = 30
-    monkeypatch.setattr(train_module, "PROCESS_START", 1000.0)
-    monkeypatch.setattr(train_module.time, "time", lambda: 1030.0)  # 30 s since the process started
-
-    class OneProcess:
-        num_processes, is_main_process = 1, False
-
-    monkeypatch.setattr(train_module, "broadcast_object_list", lambda values: values)
-    train_module.fix_budget(progress, config, 0.25, (22.0, 1.1), 40, OneProcess(), None)
-    # closed form: 0.99 * 120 s - 30 s elapsed - 22 s final = 66.8 s; each epoch end costs a 1.1 s kNN monitor;
-    # 0.25 s per step, 40 steps per epoch
-    available = 0.99 * 120 - 30 - 22.0
-    steps = int(available / 0.25)
-    for _ in range(3):
-        epoch_ends = (30 + steps) // 40 - 30 // 40
-        steps = int((available - epoch_ends * 1.1) / 0.25)
-    assert progress.planned and progress.total_steps == 30 + steps and progress.warmup_steps == 50  # 1.25 epochs
-    assert 30 + steps < 30 + int(available / 0.25)  # the kNN monitors took their share
-    # a revision past the budget ends the run at its current step, never before it
-    monkeypatch.setattr(train_module.time, "time", lambda: 1200.0)
-    train_module.fix_budget(progress, config, 0.25, (22.0, 1.1), 40, OneProcess(), None, record="plan_revision")
-    assert progress.total_steps == 30 and progress.warmup_steps == 30
-    # a revision to more steps gives back the warm-up a shorter plan had cut
-    monkeypatch.setattr(train_module.time, "time", lambda: 1030.0)
-    train_module.fix_budget(progress, config, 0.25, (22.0, 1.1), 40, OneProcess(), None, record="plan_revision")
-    assert progress.total_steps > 80 and progress.warmup_steps == 50
-
-
-def test_revision_step_is_halfway_or_the_first_monitor_after_it(train_module):
-    # the default job: planned at step 60 to 1,340, 937 steps per epoch; halfway is step 700
-    assert train_module.revision_step(60, 1340, 937, monitored=True) == 937
-    assert train_module.revision_step(60, 1340, 937, monitored=False) == 700  # no held-out split, no monitor
-    assert train_module.revision_step(60, 430, 234, monitored=True) == 245  # the next epoch end, 468, is too late
-    assert train_module.revision_step(60, 61, 234, monitored=True) is None  # nothing left to revise
-
-
-def test_step_timer_excludes_the_monitors_and_counts_from_its_start(train_module, monkeypatch):
-    clock = iter([100.0, 130.0, 160.0])
-    monkeypatch.setattr(train_module.time, "perf_counter", lambda: next(clock))
-    timer = train_module.StepTimer()
-    assert timer.steps(41) == -1
-    timer.exclude(5.0)  # a monitor before the timing began is not its business
-    timer.start(41)  # a run resumed at step 40 starts timing at the first step it takes
-    timer.exclude(6.0)
-    assert timer.steps(91) == 50 and timer.step_seconds(91) == pytest.approx((130.0 - 100.0 - 6.0) / 50)
-    assert timer.step_seconds(101) == pytest.approx((160.0 - 100.0 - 6.0) / 60)
-
-
-def test_a_resume_forgets_the_plans_its_checkpoint_predates(train_module, tmp_path):
-    plan, revision = {"planned_at_step": 60, "total_steps": 400}, {"planned_at_step": 230, "total_steps": 390}
-    (tmp_path / "run_info.json").write_text(json.dumps({"seed": 0, "plan": plan, "plan_revision": revision}))
-    train_module.forget_plans_after(tmp_path, 230)  # the checkpoint holds the revision
-    assert json.loads((tmp_path / "run_info.json").read_text())["plan_revision"] == revision
-    train_module.forget_plans_after(tmp_path, 200)  # it predates the revision: the run follows the first plan
-    assert json.loads((tmp_path / "run_info.json").read_text()) == {"seed": 0, "plan": plan}
-    train_module.forget_plans_after(tmp_path, 40)  # it predates the plan: the run plans again
-    assert json.loads((tmp_path / "run_info.json").read_text()) == {"seed": 0}
-
-
-def test_time_budget_run_records_its_plan_and_resume_keeps_it(train_module, tiny_dataset, tmp_path):
+def test_time_budget_run_ends_on_time_and_a_resume_spends_what_is_left(tiny_dataset, tmp_path):
     from huggingface_hub import ModelCard
 
     out = tmp_path / "budget"
@@ -319,45 +249,54 @@ def test_time_budget_run_records_its_plan_and_resume_keeps_it(train_module, tiny
                "--keep-checkpoints", "1000", "--tracker", "none", "--output-dir", str(out), *TINY,
                "--warmup-epochs", "4"])
     info = json.loads((out / "run_info.json").read_text())
-    plan, revision = info["plan"], info["plan_revision"]
-    assert plan["planned_at_step"] == train_module.MEASURE_SKIP + train_module.MEASURE_STEPS
-    assert plan["step_s"] > 0 and plan["final_phase_s"] > 5
-    assert plan["total_steps"] >= plan["planned_at_step"] + 10  # more epochs fit the budget
-    # revised once, at the first epoch end (8 steps each) from halfway through the planned steps on, with the
-    # measured cost of the monitor that ran there
-    halfway = (plan["planned_at_step"] + plan["total_steps"]) // 2
-    assert revision["planned_at_step"] == halfway + (-halfway) % 8
-    assert revision["planned_total_steps"] == plan["total_steps"] and revision["evaluation_ratio"] > 0
-    assert revision["knn_monitor_s"] > 0 and revision["step_s"] > 0
-    assert info["total_steps"] == revision["total_steps"] >= revision["planned_at_step"]
+    plan = info["plan"]
+    assert plan["planned_at_step"] == SKIP_STEPS + MIN_TIMED_STEPS  # the first plan, after the untimed steps
+    assert plan["step_s"] > 0 and plan["final_phase_s"] > 5 and plan["time_budget_min"] == 1
+    assert info["total_steps"] == plan["total_steps"] > plan["planned_at_step"] + 10  # more epochs fit the budget
+    assert 45 <= info["wall_time_s"] <= 60 * 1.1  # the whole run, from process start to the end of the export
     final = json.loads((out / "final_eval.json").read_text())
     assert final["trained"]["num_test"] == 64 and final["random_init"]["num_test"] == 32  # the kNN monitor's subset
     checkpoints = sorted(int(p.name.split("_")[1]) for p in (out / "checkpoints").iterdir())
-    assert checkpoints[-1] == revision["total_steps"]
+    assert checkpoints[-1] == info["total_steps"]
     card = ModelCard.load(out / "backbone" / "README.md").text
-    assert f"{revision['total_steps']} steps" in card and "1-minute time budget" in card
+    assert f"{info['total_steps']} steps" in card and "1-minute time budget" in card
 
-    # As if killed after the revision: a resumed run continues to the revised step count; it neither plans nor
-    # revises again.
-    later = [step for step in checkpoints if step > revision["planned_at_step"]]
-    for step in later[1:]:
-        shutil.rmtree(out / "checkpoints" / f"step_{step:08d}")
+    # As if killed halfway: the resumed run continues from its checkpoint's plan and spends only what the budget
+    # has left (the checkpoint records the seconds spent up to it).
+    middle = checkpoints[len(checkpoints) // 2]
+    for step in checkpoints:
+        if step > middle:
+            shutil.rmtree(out / "checkpoints" / f"step_{step:08d}")
     shutil.rmtree(out / "model")
+    state = json.loads((out / "checkpoints" / f"step_{middle:08d}" / "training_state.json").read_text())
+    assert state["progress"]["step"] == middle and 0 < state["budget"]["used_s"] < 60
+    left = 60 - state["budget"]["used_s"]
     run_train(["--output-dir", str(out), "--resume"])
     resumed = json.loads((out / "run_info.json").read_text())
-    assert resumed["plan"] == plan and resumed["plan_revision"] == revision
-    assert resumed["total_steps"] == revision["total_steps"]
-    assert (out / "checkpoints" / f"step_{revision['total_steps']:08d}").is_dir() and (out / "model").is_dir()
+    assert len(resumed["resumes"]) == 1 and resumed["total_steps"] > middle
+    assert resumed["wall_time_s"] <= left * 1.1 + 5  # this process's own time: what was left, not a new minute
+    assert (out / "checkpoints" / f"step_{resumed['total_steps']:08d}").is_dir() and (out / "model").is_dir()
 
-    # As if killed before the plan (step 40): the resumed run times 50 steps of its own and plans, then revises.
-    for path in (out / "checkpoints").iterdir():
-        if int(path.name.split("_")[1]) > 40:
-            shutil.rmtree(path)
-    run_train(["--output-dir", str(out), "--resume"])
-    replanned = json.loads((out / "run_info.json").read_text())
-    assert replanned["plan"]["planned_at_step"] == 40 + 1 + train_module.MEASURE_STEPS
-    assert replanned["plan_revision"]["planned_at_step"] > replanned["plan"]["planned_at_step"]
-    assert replanned["total_steps"] == replanned["plan_revision"]["total_steps"]
+
+def test_pretrain_from_python_gives_the_run_that_train_py_gives(tiny_dataset, tmp_path):
+    flags = ["--dataset", str(tiny_dataset), "--epochs", "1", "--tracker", "none", "--no-export-backbone", *TINY]
+    run_train([*flags, "--output-dir", str(tmp_path / "script")])
+    config = TrainConfig.from_preset(
+        dataset=str(tiny_dataset), epochs=1, tracker="none", export_backbone=False, output_dir=str(tmp_path / "api"),
+        channels=1, image_size=16, backbone_kwargs={"channels": [8, 16, 32, 64]}, projector_hidden_dims=[32],
+        projector_out_dim=16, batch_size=16, lr=0.1, warmup_epochs=0.5, mixed_precision="no", log_every=2,
+        diagnostics_every=2, knn_train_samples=64, knn_eval_samples=32, num_workers=0)
+    result = pretrain(config)
+    assert result.run_dir == tmp_path / "api"
+    expected = load_file(tmp_path / "script" / "model" / "model.safetensors")
+    state = result.model.state_dict()
+    assert expected.keys() == state.keys()
+    for key in expected:
+        torch.testing.assert_close(state[key], expected[key], rtol=0, atol=1e-6, msg=key)
+    script_eval = json.loads((tmp_path / "script" / "final_eval.json").read_text())
+    assert result.final_eval == json.loads((tmp_path / "api" / "final_eval.json").read_text())
+    for key in ("linear_top1", "knn_top1"):
+        assert result.final_eval[key] == pytest.approx(script_eval[key], abs=1e-6)
 
 
 def _class_sorted_image_folder(root: Path) -> dict[str, list[Path]]:
@@ -459,15 +398,6 @@ def _repo_files(hub) -> dict[str, bytes]:
         return {}
 
 
-@pytest.fixture(scope="module")
-def train_module():
-    sys.path.insert(0, str(REPO))
-    import train
-
-    yield train
-    sys.path.remove(str(REPO))
-
-
 @pytest.mark.parametrize(
     "extra, error, message",
     [
@@ -481,29 +411,29 @@ def train_module():
         (["--projector-hidden-dims", "{a: 1}"], ValueError, "--projector-hidden-dims"),
     ],
 )
-def test_bad_input_fails_before_training(train_module, tiny_dataset, tmp_path, extra, error, message):
+def test_bad_input_fails_before_training(tiny_dataset, tmp_path, extra, error, message):
     args = ["--dataset", str(tiny_dataset), "--epochs", "1", "--output-dir", str(tmp_path / "bad"), "--tracker",
             "none", *TINY, *extra]
     with pytest.raises(error, match=message):
-        train_module.main(args)
+        main(args)
     assert not (tmp_path / "bad" / "checkpoints").exists()
 
 
-def test_unknown_preset_key_is_named(train_module, tmp_path):
+def test_unknown_preset_key_is_named(tmp_path):
     preset = tmp_path / "preset.yaml"
     preset.write_text("dataset: fashion_mnist\nlearning_rate: 0.1\n")
     with pytest.raises(ValueError, match="learning_rate.*valid keys"):
-        train_module.main(["--config", str(preset)])
+        main(["--config", str(preset)])
     with pytest.raises(FileNotFoundError, match="fashion_mnist_cpu"):
-        train_module.main(["--config", str(tmp_path / "missing.yaml")])
+        main(["--config", str(tmp_path / "missing.yaml")])
 
 
-def test_existing_run_is_not_overwritten_without_resume(train_module, tiny_dataset, tmp_path):
+def test_existing_run_is_not_overwritten_without_resume(tiny_dataset, tmp_path):
     (tmp_path / "run" / "checkpoints" / "step_00000001").mkdir(parents=True)
     with pytest.raises(FileExistsError, match="--resume"):
-        train_module.main(["--dataset", str(tiny_dataset), "--output-dir", str(tmp_path / "run"), *TINY])
+        main(["--dataset", str(tiny_dataset), "--output-dir", str(tmp_path / "run"), *TINY])
     with pytest.raises(FileNotFoundError, match="config.yaml does not exist"):
-        train_module.main(["--output-dir", str(tmp_path / "new"), "--resume"])
+        main(["--output-dir", str(tmp_path / "new"), "--resume"])
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tiny_dataset, tmp_path):
@@ -527,7 +457,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tiny_dataset, tmp_p
     assert after == before
 
 
-def test_bad_flag_values_are_named_by_the_parser(train_module, capsys):
+def test_bad_flag_values_are_named_by_the_parser(capsys):
     with pytest.raises(SystemExit):
-        train_module.main(["--epochs", "two"])
+        main(["--epochs", "two"])
     assert "--epochs" in capsys.readouterr().err

@@ -1,0 +1,549 @@
+"""Pretraining as one function call: `pretrain(config)` runs one Accelerate loop and returns what comes next.
+
+    from hf_ibproj import TrainConfig, pretrain
+
+    result = pretrain(TrainConfig.from_preset(time_budget=2, output_dir="runs/quick"))
+    result.run_dir, result.model, result.final_eval["linear_top1"]
+
+data -> two-view augmentation on the device -> IBProjModel (backbone -> projector) -> SSL loss + MI penalty, and an
+online linear probe on detached encoder features; at every epoch end a kNN monitor and the held-out label-free
+diagnostics (docs/method.md section 5); atomic checkpoints; at the end the final model, the plot, the frozen-backbone
+evaluation beside the random-init floor and the exported backbone, all in the run folder (hf_ibproj.runs). It runs
+the same under `accelerate launch` and accelerate's `notebook_launcher`; `train.py` is its command line.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator, PartialState
+from accelerate.utils import ProjectConfiguration, broadcast_object_list, set_seed
+from timm.optim import create_optimizer_v2, param_groups_weight_decay
+from tqdm.auto import tqdm
+from transformers import get_cosine_schedule_with_warmup
+
+from .augmentation import TwoViewAugmentation
+from .budget import TimeBudget, evaluation_estimate, revised_estimate
+from .data import ImageData
+from .evaluation import format_table
+from .export import export_backbone
+from .hub import PushError, check_push_access, download_run_checkpoint, push_checkpoint, push_to_hub
+from .modeling_ibproj import IBProjModel
+from .plotting import plot_information_plane
+from .precision import resolve_mixed_precision
+from .runs import RunFolder, hardware_summary, latest_checkpoint, library_versions, read_training_state, save_checkpoint
+from .splits import SplitData, SplitScorer, channel_statistics, images_of, labels_of, load_splits, subset
+from .train_config import TrainConfig, early_arguments, parse_train_config, read_preset
+
+STREAMING_EVAL_TRAIN_SAMPLES = 20000  # final_eval_train_samples when streaming and unset
+DIAGNOSTIC_SAMPLES = 1000  # the fixed held-out images of the label-free diagnostics
+PROVISIONAL_EPOCHS = 1000  # a time budget's length before its first plan (only the warm-up runs before it)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the run stopped without writing a checkpoint of that state."""
+
+
+@dataclass
+class TrainingProgress:
+    """The loop's position and schedule, stored as JSON in every checkpoint (training_state.json), so `--resume`
+    neither re-plans nor restarts an epoch (nanoGPT: on resume the run settings come from the checkpoint)."""
+
+    step: int
+    total_steps: int
+    warmup_steps: int
+    planned: bool  # False while a time budget has not fixed the total yet
+    skipped_images: int = 0  # corrupt images replaced while streaming
+
+
+@dataclass
+class PretrainResult:
+    """What `pretrain` returns: the run folder, the trained model and its final evaluation (None without one)."""
+
+    run_dir: Path
+    model: IBProjModel
+    final_eval: dict[str, Any] | None
+
+
+@dataclass
+class Run:
+    """One run's working set, built by `start_run`; what the loop's parts share instead of long signatures."""
+
+    config: TrainConfig
+    folder: RunFolder
+    accelerator: Accelerator
+    model: torch.nn.Module  # prepared for the accelerator (DDP-wrapped when distributed)
+    probe: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    augment: TwoViewAugmentation
+    train: SplitData
+    held_out: SplitData | None
+    scorer: SplitScorer
+    progress: TrainingProgress
+    steps_per_epoch: int
+    started_at: float
+    diagnostic_images: torch.Tensor | None = None
+    random_init: dict | None = None
+    budget: TimeBudget | None = None
+    scheduler: Any = None
+    bar: Any = None
+    window: dict = field(default_factory=dict)
+    phases: dict = field(default_factory=dict)
+
+    @property
+    def unwrapped(self) -> IBProjModel:
+        return self.accelerator.unwrap_model(self.model)
+
+    @property
+    def evaluable(self) -> bool:
+        return self.config.final_eval and self.train.num_classes > 0 and labels_of(self.held_out) is not None
+
+    def since_start(self) -> float:
+        return round(time.time() - self.started_at, 1)
+
+    def estimate(self, monitor_seconds: float | None = None) -> tuple[float, float]:
+        """(final phase, one kNN monitor) in seconds, from the floor and, once measured, the latest monitor."""
+        held_out = len(self.held_out) if self.held_out is not None else 0
+        train_rows = self.config.final_eval_train_samples or (STREAMING_EVAL_TRAIN_SAMPLES if self.config.streaming
+                                                              else None)
+        final_rows = (min(train_rows or len(self.train), len(self.train)), held_out)
+        monitor_rows = (min(self.config.knn_train_samples, len(self.train)), min(self.config.knn_eval_samples, held_out))
+        if monitor_seconds is None:
+            return evaluation_estimate(self.random_init, final_rows, monitor_rows)
+        return revised_estimate(self.random_init, final_rows, monitor_rows, monitor_seconds)[:2]
+
+
+def pretrain(config: TrainConfig, *, resume: bool = False, started_at: float | None = None) -> PretrainResult:
+    """Pretrain as `config` says into its run folder (`resume`: continue that folder's run from its last checkpoint).
+
+    `started_at` (a `time.time()`) is when a time budget starts counting; default: now. Raises ValueError /
+    OSError on bad input before anything is written, NonFiniteLossError when the loss diverges.
+    """
+    run = start_run(config, resume, time.time() if started_at is None else started_at)
+    try:
+        train_loop(run)
+        run.accelerator.wait_for_everyone()
+    finally:
+        run.bar.close()
+        run.accelerator.end_training()  # closes the trackers and the process group
+    final_eval = finish_run(run) if run.accelerator.is_main_process else None
+    return PretrainResult(run.folder.path, run.unwrapped, final_eval)
+
+
+def main(argv: list[str] | None = None, started_at: float | None = None) -> int:
+    """train.py's command line: a preset plus flags (or, with --resume, the run's stored settings), then `pretrain`."""
+    early = early_arguments(argv)
+    if early.resume and early.push_to_hub and early.output_dir:
+        fetch_run_from_hub(early.output_dir, early.push_to_hub)
+    config, args = parse_train_config(argv)
+    state = process_state()
+    if not args.resume and state.is_main_process:
+        preset = TrainConfig(**read_preset(args.config)).to_dict()
+        changed = {k: v for k, v in config.to_dict().items() if v != preset[k] and k != "mixed_precision"}
+        print(f"preset {args.config}, changed: {changed or 'nothing'}")
+    try:
+        pretrain(config, resume=args.resume, started_at=started_at)
+    except NonFiniteLossError as error:
+        if state.is_main_process:
+            print(f"train.py: error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def process_state() -> PartialState:
+    """accelerate's process state; on a machine without CUDA, CPU processes (one gloo group under `accelerate
+    launch --multi_gpu`, where a plain state would start independent runs)."""
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def train_loop(run: Run) -> None:
+    """Optimizer steps from the current one to the total, with logging, monitors, the time budget and checkpoints."""
+    config, progress, accelerator = run.config, run.progress, run.accelerator
+    run.model.train()
+    while progress.step < progress.total_steps:
+        for images, labels, skipped in epoch_batches(run):
+            progress.skipped_images += skipped
+            output, diagnose = train_step(run, images, labels)
+            if not accelerator.sync_gradients:
+                continue
+            run.scheduler.step()
+            progress.step += 1
+            run.bar.update(1)
+            if progress.step % config.log_every == 0 or diagnose:
+                log_step(run, output, diagnose)
+            if run.budget is not None:
+                follow_budget(run)
+            if progress.step % run.steps_per_epoch == 0 and run.held_out is not None:
+                epoch_monitor(run)
+            checkpoint_if_due(run)
+            if progress.step >= progress.total_steps:
+                break
+
+
+# --------------------------------------------------------------------------------------------------- the step
+
+
+def train_step(run: Run, images: torch.Tensor, labels: torch.Tensor | None):
+    """One micro-step: augment, forward, SSL + MI loss, the online probe's loss, backward, optimizer step."""
+    config, accelerator = run.config, run.accelerator
+    views = run.augment(images)
+    with accelerator.accumulate(run.model, run.probe):
+        diagnose = (run.progress.step + 1) % config.diagnostics_every == 0 and accelerator.sync_gradients
+        output = run.model(views, return_diagnostics=diagnose)
+        loss = output.loss
+        if labels is not None:
+            # Online linear probe on DETACHED encoder features: no gradient reaches the encoder.
+            logits = run.probe(output.encoder_features.detach().float())
+            targets = labels.repeat(config.num_views)
+            loss = loss + F.cross_entropy(logits, targets)
+            run.window["probe_hits"] += (logits.argmax(1) == targets).sum().item()
+            run.window["probe_seen"] += targets.numel()
+        check_finite(run, output.loss)
+        accelerator.backward(loss)
+        run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
+    run.window["images"] += images.shape[0] * accelerator.num_processes
+    return output, diagnose
+
+
+def check_finite(run: Run, loss: torch.Tensor) -> None:
+    """Stop every process together (DDP would hang otherwise) on a NaN / infinite loss, before the update."""
+    non_finite = (~torch.isfinite(loss)).float()
+    if run.accelerator.num_processes > 1:
+        non_finite = run.accelerator.reduce(non_finite, "max")
+    if non_finite.item():
+        raise NonFiniteLossError(
+            f"non-finite loss ({loss.item()}) at step {run.progress.step}; stopping. The last good checkpoint is "
+            f"{run.folder.latest_checkpoint()} (a model folder: `hf-ibproj evaluate --model` reads it). Lower --lr "
+            "or --mi-weight in a new run, or resume the run."
+        )
+
+
+def epoch_batches(run: Run):
+    """(uint8 images on the device, labels or None, images skipped as corrupt) for the rest of the current epoch.
+
+    The epoch's order is a function of (seed, epoch), sharded over the processes, so a resumed run sees the same
+    batches as an uninterrupted one."""
+    config, accelerator, device = run.config, run.accelerator, run.accelerator.device
+    epoch, start_step = divmod(run.progress.step, run.steps_per_epoch)
+    micro_batches = run.steps_per_epoch * config.gradient_accumulation_steps
+    generator = torch.Generator().manual_seed(config.seed * 100003 + epoch)
+    shard = torch.randperm(len(run.train), generator=generator)[accelerator.process_index::accelerator.num_processes]
+    order = shard[: micro_batches * config.batch_size].view(micro_batches, config.batch_size)
+    order = order[start_step * config.gradient_accumulation_steps:]
+    if isinstance(run.train, ImageData):
+        for indices in order:
+            labels = run.train.labels[indices].to(device) if run.train.labels is not None else None
+            yield run.train.images[indices].to(device, non_blocking=True), labels, 0
+        return
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(run.train, order.flatten().tolist()),
+                                         batch_size=config.batch_size, num_workers=config.num_workers,
+                                         pin_memory=device.type == "cuda")
+    for images, labels, skipped in loader:
+        labels = None if run.train.labels is None else labels.to(device)
+        yield images.to(device, non_blocking=True), labels, int(skipped.sum())
+
+
+# --------------------------------------------------------------------------------- logging, monitors, budget
+
+
+def log_step(run: Run, output, diagnose: bool) -> None:
+    """Loss, learning rate, throughput, online-probe accuracy and (when computed) the section-5 diagnostics."""
+    accelerator, window = run.accelerator, run.window
+    elapsed = time.perf_counter() - window["start"]
+    record = {"step": run.progress.step, "epoch": run.progress.step / run.steps_per_epoch,
+              "loss": accelerator.reduce(output.loss.detach(), "mean").item(),
+              "ssl_loss": accelerator.reduce(output.ssl_loss.detach(), "mean").item(),
+              "lr": run.scheduler.get_last_lr()[0], "img_per_s": window["images"] / max(elapsed, 1e-9)}
+    if output.mi_loss is not None:
+        record["mi_loss"] = accelerator.reduce(output.mi_loss.detach(), "mean").item()
+    if diagnose:
+        record.update({k: accelerator.reduce(v.float(), "mean").item() for k, v in output.diagnostics.items()})
+    if window["probe_seen"]:
+        record["online_probe_top1"] = 100.0 * window["probe_hits"] / window["probe_seen"]
+    if run.progress.skipped_images:
+        record["skipped_images"] = run.progress.skipped_images
+    reset_window(run)
+    accelerator.log(record, step=run.progress.step)
+    if accelerator.is_main_process:
+        run.folder.metrics.append(record)
+        run.bar.set_postfix(loss=f"{record['loss']:.3f}", img_s=f"{record['img_per_s']:.0f}")
+
+
+def reset_window(run: Run) -> None:
+    run.window.update(start=time.perf_counter(), images=0, probe_hits=0, probe_seen=0)
+
+
+def epoch_monitor(run: Run) -> None:
+    """At an epoch end: the kNN monitor (labelled held-out split) and the held-out label-free diagnostics."""
+    started = time.perf_counter()
+    if run.accelerator.is_main_process:
+        record = {"step": run.progress.step, "epoch": run.progress.step // run.steps_per_epoch}
+        if run.train.num_classes and labels_of(run.held_out) is not None:
+            record["knn_top1"] = run.scorer.knn_top1(run.unwrapped.backbone, run.config.knn_train_samples,
+                                                     run.config.knn_eval_samples)
+            run.bar.write(f"epoch {record['epoch']}: kNN top-1 {record['knn_top1']:.2f}%")
+        diagnostics = run.scorer.label_free(run.unwrapped, run.diagnostic_images, run.augment, run.config.batch_size)
+        record.update({f"heldout/{key}": value for key, value in diagnostics.items()})
+        run.accelerator.log(record, step=run.progress.step)
+        run.folder.metrics.append(record)
+    run.accelerator.wait_for_everyone()
+    if run.budget is not None:
+        run.budget.monitor_done(run.estimate(time.perf_counter() - started))
+    reset_window(run)
+
+
+def follow_budget(run: Run) -> None:
+    """Time the step and, when a plan is due, set the total step count the time budget allows (the main process
+    decides, every process follows); the schedule is rebuilt for it."""
+    run.budget.step_done()
+    if not run.budget.plan_due(run.progress.step):
+        return
+    first = not run.progress.planned
+    total = broadcast_object_list([run.budget.plan(run.progress.step)])[0]
+    progress = run.progress
+    progress.total_steps, progress.planned = total, True
+    progress.warmup_steps = min(round(run.config.warmup_epochs * run.steps_per_epoch), total)
+    run.scheduler = make_scheduler(run.optimizer, progress)
+    run.bar.total = total
+    if first and run.accelerator.is_main_process:
+        plan = run.budget.latest
+        run.folder.update_info(plan=plan)
+        run.bar.write(f"time budget: {plan['total_steps']} steps ({plan['epochs']} epochs) at "
+                      f"{plan['img_per_s']:.0f} img/s, {plan['final_phase_s']:.0f} s kept for the final evaluation; "
+                      f"re-planned every few steps")
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, progress: TrainingProgress) -> torch.optim.lr_scheduler.LambdaLR:
+    """Warm-up then cosine (docs/method.md section 6) per optimizer step, positioned at `progress.step`.
+
+    Rebuilt rather than checkpointed: (step, warmup, total) determine it, and a time budget changes the total.
+    Each group's `initial_lr` is in the optimizer state, so this also works on resume.
+    """
+    return get_cosine_schedule_with_warmup(optimizer, progress.warmup_steps, progress.total_steps,
+                                           last_epoch=progress.step - 1)
+
+
+def checkpoint_if_due(run: Run) -> None:
+    """A checkpoint (and its push) at an epoch end, every `checkpoint_every` steps and at the last step."""
+    config, progress = run.config, run.progress
+    if progress.step % run.steps_per_epoch and progress.step % config.checkpoint_every and \
+            progress.step < progress.total_steps:
+        return
+    state = {"progress": asdict(progress), "budget": run.budget.state_dict() if run.budget else None}
+    checkpoint = save_checkpoint(run.accelerator, run.folder.path, progress.step, config.keep_checkpoints,
+                                 model_config=run.unwrapped.config, state=state)
+    if run.accelerator.is_main_process and config.push_to_hub and config.hub_strategy == "checkpoint":
+        try:
+            push_checkpoint(run.folder.path, checkpoint, config.push_to_hub, private=config.hub_private)
+        except PushError as error:  # never stops the run: the next checkpoint pushes again
+            run.bar.write(f"warning: {error} (retried at the next checkpoint)")
+            run.folder.append_info("push_failures", {"step": progress.step, "error": str(error)})
+
+
+# --------------------------------------------------------------------------------------------- start and end
+
+
+def start_run(config: TrainConfig, resume: bool, started_at: float) -> Run:
+    """Everything the loop needs: folder, accelerator, data, model, optimizer, resumed state, floor, budget."""
+    state = process_state()
+    if config.push_to_hub:
+        check_push_access(config.push_to_hub)  # a bad repo id or no token fails now, not after hours of training
+    folder = resolve_run_folder(config, resume)
+    config.mixed_precision = resolve_mixed_precision(config.mixed_precision, state.device)
+    accelerator = Accelerator(
+        cpu=state.device.type == "cpu", mixed_precision=config.mixed_precision,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        log_with=None if config.tracker == "none" else config.tracker,
+        project_config=ProjectConfiguration(project_dir=str(folder.path), logging_dir=str(folder.logs_dir)),
+    )
+    train, held_out = load_splits(config, accelerator.main_process_first)
+    if isinstance(train, ImageData) and train.skipped:
+        accelerator.print(f"skipped {train.skipped} corrupt image(s) in {config.dataset}:{config.train_split}")
+    mean, std = channel_statistics(train, config.seed, config.num_workers)
+
+    torch.manual_seed(config.seed)  # identical initial weights on every process and every run of a seed
+    model_config = config.model_config()
+    model_config.image_mean, model_config.image_std = mean, std
+    model = IBProjModel(model_config)
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    augment = TwoViewAugmentation(config.augmentation_preset, config.image_size, config.channels, mean, std,
+                                  num_views=config.num_views, crop_min_scale=config.crop_min_scale,
+                                  blur_kernel_size=config.blur_kernel_size).to(accelerator.device)
+    probe = torch.nn.Linear(model.num_features, max(train.num_classes, 1))
+    set_seed(config.seed, device_specific=True)  # from here on, a different augmentation stream on each process
+
+    # docs/method.md section 6: lr scaled by the global batch / 256, warm-up then cosine per optimizer step.
+    global_batch = config.batch_size * accelerator.num_processes * config.gradient_accumulation_steps
+    steps_per_epoch = len(train) // global_batch
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(train)} training samples do not fill one global batch of {global_batch}; "
+                         "lower --batch-size or use more data.")
+    optimizer = build_optimizer(model, probe, config, config.lr * global_batch / 256)
+    model, probe, optimizer = accelerator.prepare(model, probe, optimizer)
+    run = Run(config, folder, accelerator, model, probe, optimizer, augment, train, held_out,
+              SplitScorer(train, held_out, mean, std, config.seed, config.num_workers),
+              initial_progress(config, steps_per_epoch), steps_per_epoch, started_at)
+    budget_state = restore_checkpoint(run) if resume else None
+    write_start_records(run, resume, global_batch)
+    if config.tracker != "none":
+        accelerator.init_trackers("ibproj", config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                                                    for k, v in run.folder.read_config().items()})
+    evaluate_floor(run, resume)
+    if config.length[0] == "time_budget":
+        run.budget = TimeBudget(config.time_budget * 60, started_at=started_at, steps_per_epoch=steps_per_epoch,
+                                images_per_step=global_batch, estimate=run.estimate(),
+                                used_s=(budget_state or {}).get("used_s", 0.0))
+    run.scheduler = make_scheduler(optimizer, run.progress)
+    run.phases["training_start_s"] = run.since_start()
+    run.bar = tqdm(total=run.progress.total_steps if run.progress.planned else None, initial=run.progress.step,
+                   disable=not accelerator.is_main_process, desc="pretrain")
+    reset_window(run)
+    return run
+
+
+def resolve_run_folder(config: TrainConfig, resume: bool) -> RunFolder:
+    """The run folder, the same on every process; refuses to overwrite a run unless resuming it."""
+    name = config.output_dir or f"runs/{config.objective}-{datetime.now():%Y%m%d-%H%M%S}"
+    folder = RunFolder(broadcast_object_list([name])[0])
+    has_checkpoint = folder.latest_checkpoint() is not None
+    if resume and not has_checkpoint:
+        raise FileNotFoundError(f"--resume: {folder.path} has no checkpoint to resume from; check --output-dir.")
+    if not resume and has_checkpoint:
+        raise FileExistsError(f"{folder.path} already holds a run; pass --resume to continue it or choose another "
+                              "--output-dir.")
+    if process_state().is_main_process:
+        folder.path.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def fetch_run_from_hub(output_dir: str | Path, repo_id: str) -> None:
+    """Resuming from a Hub repo on a machine without the run: download its records and last checkpoint first."""
+    state = process_state()
+    if latest_checkpoint(Path(output_dir)) is None and state.is_main_process:
+        checkpoint = download_run_checkpoint(repo_id, Path(output_dir))
+        print(f"downloaded {checkpoint} from the Hub repo {repo_id}")
+    state.wait_for_everyone()
+
+
+def initial_progress(config: TrainConfig, steps_per_epoch: int) -> TrainingProgress:
+    """Step 0 of the run's length: fixed steps or epochs, or a provisional length until a time budget plans."""
+    kind, value = config.length
+    planned = kind != "time_budget"
+    total = int(value) * (steps_per_epoch if kind == "epochs" else 1) if planned else PROVISIONAL_EPOCHS * steps_per_epoch
+    return TrainingProgress(0, total, round(config.warmup_epochs * steps_per_epoch), planned)
+
+
+def restore_checkpoint(run: Run) -> dict | None:
+    """Load the latest checkpoint into the prepared objects and the progress; returns its time-budget state."""
+    checkpoint = run.folder.latest_checkpoint()
+    stored = read_training_state(checkpoint)
+    if "progress" not in stored:
+        raise ValueError(f"{checkpoint} has no training_state.json (written by an older hf_ibproj); it cannot be "
+                         "resumed. Start a new run, or evaluate / export the checkpoint as a model folder.")
+    run.accelerator.load_state(str(checkpoint))
+    run.progress = TrainingProgress(**stored["progress"])
+    run.accelerator.print(f"resumed from {checkpoint} at step {run.progress.step} of {run.progress.total_steps}")
+    if run.accelerator.is_main_process:
+        run.folder.metrics.truncate_after(run.progress.step)
+    return stored.get("budget")
+
+
+def build_optimizer(model: IBProjModel, probe: torch.nn.Module, config: TrainConfig, lr: float):
+    """One timm optimizer: the model's groups (no weight decay or LARS adaptation on biases and norms, docs/method.md
+    section 6) plus the online probe as its own group (no weight decay, so no LARS adaptation either; solo-learn's
+    layout). One optimizer means one fp16 grad-scaler update per step."""
+    groups = param_groups_weight_decay(model, config.weight_decay)
+    groups.append({"params": list(probe.parameters()), "lr": config.online_probe_lr, "weight_decay": 0.0})
+    extra = {"trust_coeff": config.lars_eta, "trust_clip": True} if config.optimizer == "lars" else {}
+    momentum = {"momentum": config.momentum} if config.optimizer != "adamw" else {}
+    return create_optimizer_v2(groups, config.optimizer, lr=lr, weight_decay=config.weight_decay, **momentum, **extra)
+
+
+def write_start_records(run: Run, resume: bool, global_batch: int) -> None:
+    """config.yaml (written once: a resumed run keeps it) and run_info.json (seed, versions, hardware, commands);
+    prints a short summary (the full configuration is in config.yaml)."""
+    accelerator, config, folder = run.accelerator, run.config, run.folder
+    if not accelerator.is_main_process:
+        return
+    start = {"command": " ".join(sys.argv), "started": datetime.now().isoformat(timespec="seconds")}
+    resolved = {**config.to_dict(), "num_processes": accelerator.num_processes, "global_batch_size": global_batch,
+                "scaled_lr": config.lr * global_batch / 256, "steps_per_epoch": run.steps_per_epoch,
+                "total_steps": run.progress.total_steps if run.progress.planned else "planned by time_budget",
+                "image_mean": run.scorer.mean, "image_std": run.scorer.std,
+                "model": run.unwrapped.config.to_diff_dict()}
+    if resume:
+        folder.append_info("resumes", start)
+        print(f"run folder: {folder.path} (resumed with its stored configuration)")
+    else:
+        folder.write_config(resolved)
+        folder.write_info({"seed": config.seed, "versions": library_versions(),
+                           "hardware": hardware_summary(accelerator.device, accelerator.num_processes), **start})
+        print(f"run folder: {folder.path}")
+    derived = ("mixed_precision", "num_processes", "global_batch_size", "scaled_lr", "steps_per_epoch", "total_steps")
+    print("  " + ", ".join(f"{key}: {resolved[key]}" for key in derived) + f"\n  full configuration: {folder.config_file}")
+
+
+def evaluate_floor(run: Run, resume: bool) -> None:
+    """The random-init floor: the run's own initial backbone, evaluated on the kNN monitor's subsets (its times size
+    the final evaluation's and the monitors' shares of a time budget); a resumed run reads the one it wrote."""
+    accelerator, config, folder = run.accelerator, run.config, run.folder
+    if run.held_out is not None and accelerator.is_main_process:
+        indices = subset(run.held_out, DIAGNOSTIC_SAMPLES, config.seed)
+        run.diagnostic_images = images_of(run.held_out, indices, config.num_workers)
+    if run.evaluable and accelerator.is_main_process and not (resume and folder.random_init_eval_file.is_file()):
+        result = run.scorer.evaluate(run.unwrapped.backbone, "random-init", config.knn_train_samples,
+                                     config.knn_eval_samples)
+        started = time.perf_counter()
+        result["label_free"] = run.scorer.label_free(run.unwrapped, run.diagnostic_images, run.augment,
+                                                     config.batch_size)
+        result["seconds"]["label_free"] = round(time.perf_counter() - started, 2)
+        folder.write_random_init_eval(result)
+    accelerator.wait_for_everyone()
+    run.random_init = folder.read_random_init_eval()
+
+
+def finish_run(run: Run) -> dict | None:
+    """Final model, plot, frozen-backbone evaluation next to the random-init backbone, exported backbone, push."""
+    config, folder, model, phases = run.config, run.folder, run.unwrapped, run.phases
+    phases["training_end_s"] = run.since_start()
+    model.save_pretrained(folder.model_dir)
+    plot_information_plane(folder.metrics.read(), folder.plot_file, title=f"{config.objective} on {config.dataset}")
+    final = None
+    if run.evaluable:
+        train_rows = config.final_eval_train_samples or (STREAMING_EVAL_TRAIN_SAMPLES if config.streaming else None)
+        trained = run.scorer.evaluate(model.backbone, "trained", train_rows, None)
+        started = time.perf_counter()
+        trained["label_free"] = run.scorer.label_free(model, run.diagnostic_images, run.augment, config.batch_size)
+        trained["seconds"]["label_free"] = round(time.perf_counter() - started, 2)
+        final = {"dataset": config.dataset, "train_split": config.train_split, "eval_split": config.eval_split,
+                 "linear_top1": trained["linear_top1"], "knn_top1": trained["knn_top1"],
+                 "trained": trained, "random_init": run.random_init}
+        folder.write_final_eval(final)
+        print(f"\nFrozen-backbone evaluation on {config.dataset} ({config.eval_split} split):")
+        print(format_table({f"{name} ({result['num_train']:,} / {result['num_test']:,} images)": result
+                            for name, result in (("trained", trained), ("random-init", run.random_init))}))
+    phases["evaluation_end_s"] = run.since_start()
+    budget = {"plan": run.budget.latest} if run.budget is not None and run.budget.latest else {}
+    folder.update_info(wall_time_s=phases["evaluation_end_s"], total_steps=run.progress.total_steps,
+                       skipped_images=run.progress.skipped_images, phases=phases, **budget)  # the card shows them
+    if config.export_backbone or config.push_to_hub:
+        export_backbone(folder.path, folder.backbone_dir)
+    phases["export_end_s"] = run.since_start()
+    folder.update_info(wall_time_s=run.since_start(), phases=phases)
+    if config.push_to_hub:
+        try:
+            print(f"pushed to {push_to_hub(folder.path, config.push_to_hub, private=config.hub_private)}")
+        except PushError as error:
+            print(f"warning: {error}; push later with `hf-ibproj push {folder.path} --repo-id {config.push_to_hub}`",
+                  file=sys.stderr)
+    print(f"\nrun folder: {folder.path} (wall time {run.since_start() / 60:.1f} min)")
+    return final
