@@ -1,10 +1,9 @@
-"""The command-line conventions shared by `hf-ibproj evaluate` and finetune.py (train.py follows them too).
+"""The command-line conventions shared by train.py, `hf-ibproj evaluate` and finetune.py.
 
 Flags come from dataclass fields through transformers' HfArgumentParser: `--foo-bar` for field foo_bar, help text
-from the field's metadata, every default shown in --help, choices from Literal types. `ArgumentParser` adds the
-one thing HfArgumentParser lacks: `--no-flag` for booleans that default to False (it adds it only for those that
-default to True), so every boolean is `--flag / --no-flag`. `DataArguments` holds the dataset flags both commands
-share (spelled as in train.py) and opens a split at a backbone's preprocessing.
+from the field's metadata, every default shown in --help, choices from Literal types. `ArgumentParser` makes every
+boolean `--flag / --no-flag` (see its docstring). `DataArguments` holds the dataset flags of `hf-ibproj evaluate`
+and finetune.py (spelled as in train.py) and opens a split at a backbone's preprocessing.
 """
 
 from __future__ import annotations
@@ -18,6 +17,7 @@ from typing import Any, TypeVar
 
 import torch
 from transformers import HfArgumentParser
+from transformers.hf_argparser import string_to_bool
 
 from .data import StreamingImageDataset, stratified_indices
 
@@ -25,22 +25,49 @@ T = TypeVar("T")
 
 
 class ArgumentParser(HfArgumentParser):
-    """HfArgumentParser with every boolean as `--flag / --no-flag` (it adds --no-flag only to those defaulting to
-    True) and only the dash spelling in --help (it also adds `--foo_bar`, still accepted)."""
+    """HfArgumentParser, with for every dataclass field:
+
+    - a boolean (`bool` or `bool | None`) as `--flag [VALUE] / --no-flag`: a bare `--flag` is true (HfArgumentParser
+      adds `--no-flag` only to booleans defaulting to True, and makes a `bool | None` flag need a value);
+    - only the dash spelling in --help (the `--foo_bar` spelling HfArgumentParser adds is still accepted);
+    - its help shown as written: a `%` in it is not an argparse format;
+    - `argument_default=argparse.SUPPRESS` honored (HfArgumentParser passes every field's default): such a parser's
+      `parse_args` returns only the flags the command line gives.
+    """
 
     @staticmethod
     def _parse_dataclass_field(parser: argparse.ArgumentParser, field: dataclasses.Field) -> None:
-        first_new = len(parser._actions)
-        HfArgumentParser._parse_dataclass_field(parser, field)
-        if field.type is bool and field.default is False:
-            # default=SUPPRESS: the --flag action already sets the default, and --help shows it there
-            parser.add_argument(f"--no-{field.name.replace('_', '-')}", action="store_false", dest=field.name,
-                                default=argparse.SUPPRESS, help=f"turn --{field.name.replace('_', '-')} off")
-        for action in parser._actions[first_new:]:
-            # argparse's own attributes: the displayed spellings, and no "(default: None)" on required flags
-            action.option_strings = [option for option in action.option_strings if "_" not in option]
-            if action.required:
-                action.default = argparse.SUPPRESS
+        boolean = field.type in (bool, bool | None)  # read first: HfArgumentParser rewrites field.type
+        flags = _FieldFlags(parser)
+        HfArgumentParser._parse_dataclass_field(flags, field)
+        if boolean:
+            dash = field.name.replace("_", "-")
+            flags.add(f"--no_{field.name}", f"--no-{dash}", action="store_false", dest=field.name,
+                      default=argparse.SUPPRESS, help=f"turn --{dash} off")
+
+
+class _FieldFlags:
+    """A parser as `HfArgumentParser._parse_dataclass_field` sees it: its `add_argument` calls, adjusted as
+    `ArgumentParser` says."""
+
+    def __init__(self, parser: argparse.ArgumentParser) -> None:
+        self.parser = parser
+
+    def add_argument(self, *flags: str, **kwargs: Any) -> argparse.Action | None:
+        if kwargs.get("action") == "store_false":
+            return None  # its --no-flag of a boolean defaulting to True: ArgumentParser adds one to every boolean
+        if kwargs.get("type") is string_to_bool:
+            kwargs.update(nargs="?", const=True)  # as it does for a boolean with a default
+        return self.add(*flags, **kwargs)
+
+    def add(self, *flags: str, **kwargs: Any) -> argparse.Action:
+        if isinstance(kwargs.get("help"), str):
+            kwargs["help"] = kwargs["help"].replace("%", "%%")
+        if kwargs.get("required") or self.parser.argument_default is argparse.SUPPRESS:
+            kwargs["default"] = argparse.SUPPRESS  # and no "(default: None)" in --help on a required flag
+        action = self.parser.add_argument(*flags, **kwargs)
+        action.option_strings = [flag for flag in flags if "_" not in flag]  # what --help and errors show
+        return action
 
 
 def arguments_from_namespace(cls: type[T], namespace: argparse.Namespace) -> T:

@@ -114,8 +114,8 @@ def _summary_rows(source: Source, bottleneck: str) -> list[tuple[str, str]]:
 
 
 def _training_length(train: dict[str, Any], info: dict[str, Any]) -> str | None:
-    """Steps and epochs, and for a `--time-budget` run the plan that fixed them (train.py's run_info.json)."""
-    plan = info.get("plan_revision") or info.get("plan")  # the plan as revised during the run, when it was
+    """Steps and epochs, and for a `--time-budget` run its last plan (run_info.json's `plan`)."""
+    plan = info.get("plan")
     if plan:
         return (f"{plan['total_steps']} steps ({plan['epochs']} epochs), fixed by a {plan['time_budget_min']:g}-minute "
                 f"time budget at a measured {plan['img_per_s']:.0f} img/s")

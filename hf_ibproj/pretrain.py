@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -40,7 +40,7 @@ from .plotting import plot_information_plane
 from .precision import resolve_mixed_precision
 from .runs import RunFolder, hardware_summary, latest_checkpoint, library_versions, read_training_state, save_checkpoint
 from .splits import SplitData, SplitScorer, channel_statistics, images_of, labels_of, load_splits, subset
-from .train_config import TrainConfig, early_arguments, parse_train_config, read_preset
+from .train_config import TrainConfig, early_arguments, parse_train_config
 
 STREAMING_EVAL_TRAIN_SAMPLES = 20000  # final_eval_train_samples when streaming and unset
 DIAGNOSTIC_SAMPLES = 1000  # the fixed held-out images of the label-free diagnostics
@@ -114,7 +114,8 @@ class Run:
         train_rows = self.config.final_eval_train_samples or (STREAMING_EVAL_TRAIN_SAMPLES if self.config.streaming
                                                               else None)
         final_rows = (min(train_rows or len(self.train), len(self.train)), held_out)
-        monitor_rows = (min(self.config.knn_train_samples, len(self.train)), min(self.config.knn_eval_samples, held_out))
+        monitor_rows = (min(self.config.knn_train_samples, len(self.train)),
+                        min(self.config.knn_eval_samples, held_out))
         if monitor_seconds is None:
             return evaluation_estimate(self.random_init, final_rows, monitor_rows)
         return revised_estimate(self.random_init, final_rows, monitor_rows, monitor_seconds)[:2]
@@ -145,7 +146,7 @@ def main(argv: list[str] | None = None, started_at: float | None = None) -> int:
     config, args = parse_train_config(argv)
     state = process_state()
     if not args.resume and state.is_main_process:
-        preset = TrainConfig(**read_preset(args.config)).to_dict()
+        preset = TrainConfig.from_preset(args.config).to_dict()
         changed = {k: v for k, v in config.to_dict().items() if v != preset[k] and k != "mixed_precision"}
         print(f"preset {args.config}, changed: {changed or 'nothing'}")
     try:
@@ -357,7 +358,7 @@ def start_run(config: TrainConfig, resume: bool, started_at: float) -> Run:
     if config.push_to_hub:
         check_push_access(config.push_to_hub)  # a bad repo id or no token fails now, not after hours of training
     folder = resolve_run_folder(config, resume)
-    config.mixed_precision = resolve_mixed_precision(config.mixed_precision, state.device)
+    config = replace(config, mixed_precision=resolve_mixed_precision(config.mixed_precision, state.device))
     accelerator = Accelerator(
         cpu=state.device.type == "cpu", mixed_precision=config.mixed_precision,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
@@ -437,9 +438,11 @@ def fetch_run_from_hub(output_dir: str | Path, repo_id: str) -> None:
 def initial_progress(config: TrainConfig, steps_per_epoch: int) -> TrainingProgress:
     """Step 0 of the run's length: fixed steps or epochs, or a provisional length until a time budget plans."""
     kind, value = config.length
-    planned = kind != "time_budget"
-    total = int(value) * (steps_per_epoch if kind == "epochs" else 1) if planned else PROVISIONAL_EPOCHS * steps_per_epoch
-    return TrainingProgress(0, total, round(config.warmup_epochs * steps_per_epoch), planned)
+    warmup = round(config.warmup_epochs * steps_per_epoch)
+    if kind == "time_budget":
+        return TrainingProgress(0, PROVISIONAL_EPOCHS * steps_per_epoch, warmup, planned=False)
+    total = int(value) * steps_per_epoch if kind == "epochs" else int(value)
+    return TrainingProgress(0, total, warmup, planned=True)
 
 
 def restore_checkpoint(run: Run) -> dict | None:

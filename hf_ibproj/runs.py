@@ -36,6 +36,10 @@ _PACKAGES = ("torch", "torchvision", "timm", "transformers", "datasets", "accele
              "safetensors", "kornia", "hf_ibproj")
 
 
+def _in_folder(name: str) -> property:
+    return property(lambda self: self.path / name, doc=f"RUN/{name}")
+
+
 class RunFolder:
     """Every path and record of one pretraining run's folder (see the module docstring for the layout)."""
 
@@ -57,41 +61,15 @@ class RunFolder:
         return f"RunFolder({str(self.path)!r})"
 
     # paths
-    @property
-    def config_file(self) -> Path:
-        return self.path / self.CONFIG
-
-    @property
-    def info_file(self) -> Path:
-        return self.path / self.INFO
-
-    @property
-    def random_init_eval_file(self) -> Path:
-        return self.path / self.RANDOM_INIT_EVAL
-
-    @property
-    def final_eval_file(self) -> Path:
-        return self.path / self.FINAL_EVAL
-
-    @property
-    def plot_file(self) -> Path:
-        return self.path / self.PLOT
-
-    @property
-    def model_dir(self) -> Path:
-        return self.path / self.MODEL
-
-    @property
-    def backbone_dir(self) -> Path:
-        return self.path / self.BACKBONE
-
-    @property
-    def logs_dir(self) -> Path:
-        return self.path / self.LOGS
-
-    @property
-    def checkpoints_dir(self) -> Path:
-        return self.path / CHECKPOINTS
+    config_file = _in_folder(CONFIG)
+    info_file = _in_folder(INFO)
+    random_init_eval_file = _in_folder(RANDOM_INIT_EVAL)
+    final_eval_file = _in_folder(FINAL_EVAL)
+    plot_file = _in_folder(PLOT)
+    model_dir = _in_folder(MODEL)
+    backbone_dir = _in_folder(BACKBONE)
+    logs_dir = _in_folder(LOGS)
+    checkpoints_dir = _in_folder(CHECKPOINTS)
 
     @cached_property
     def metrics(self) -> MetricsLog:

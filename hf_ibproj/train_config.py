@@ -1,78 +1,48 @@
-"""The training configuration of train.py: a YAML preset (`--config`) plus command-line overrides, or on `--resume`
-the run's own stored configuration.
+"""The settings of a pretraining run: a YAML preset (`--config`) plus overrides, or on `--resume` the stored
+settings of the run to continue.
 
-The flags come from the `TrainConfig` dataclass through hf_ibproj.arguments' ArgumentParser (transformers'
-HfArgumentParser: `--foo-bar` for field `foo_bar`, help and default shown, booleans as `--flag / --no-flag`), the
-convention of every command. Two things it cannot do are added here: the
-defaults come from the preset (so `--help` shows the preset's values), and list/dict fields are YAML text (it has no
-dict type, and a list flag of `nargs="+"` cannot say "no hidden layers").
+From Python: `TrainConfig.from_preset(preset, **overrides)` and `TrainConfig.from_run(output_dir, **overrides)`.
+train.py's command line, `parse_train_config(argv)`, is built on them.
+
+The flags come from the `TrainConfig` dataclass fields through hf_ibproj.arguments' ArgumentParser (transformers'
+HfArgumentParser: `--foo-bar` for field `foo_bar`, help from the field's metadata, booleans as `--flag / --no-flag`),
+the convention of every command. Two things are added here: the defaults come from the preset (so `--help` shows
+the preset's values), and list/dict fields are YAML text (HfArgumentParser has no dict type, and a list flag of
+`nargs="+"` cannot say "no hidden layers").
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import inspect
-import re
+import functools
 import sys
 import typing
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 import yaml
-from .arguments import ArgumentParser
+from transformers.hf_argparser import string_to_bool
+
+from .arguments import ArgumentParser, check_repo_id, flag_name, refuse_resume_changes
 from .augmentation import CROP_MIN_SCALE, check_blur_kernel_size, check_crop_min_scale
 from .configuration_ibproj import IBProjConfig
+from .precision import MIXED_PRECISIONS, resolve_mixed_precision
 from .resources import CONFIG_DIR  # the presets, in the installed package or the source checkout
-from .precision import has_native_bf16
+from .runs import RunFolder
+
+if TYPE_CHECKING:
+    import torch
 
 DEFAULT_PRESET = CONFIG_DIR / "fashion_mnist_cpu.yaml"
-RUN_CONFIG = "config.yaml"
-
-# The IBProjConfig fields a run sets by flag or preset (the model is rebuilt from them); train.py fills in the
-# others (image statistics, interpolation, distributed gathering) itself.
-MODEL_FIELDS = (
-    "backbone", "backbone_kwargs", "objective", "num_views", "projector_hidden_dims", "projector_out_dim",
-    "projector_batch_norm", "mi_weight", "mi_alpha", "quantize_levels", "sparse_latent_dim", "sparse_topk",
-    "nt_xent_tau", "barlow_lambda", "barlow_scale", "image_size",
-)
+RUN_CONFIG = RunFolder.CONFIG  # the run's stored settings, in its folder
 # Settings `--resume` may change: they change what is logged or kept, never the trained weights.
 RESUMABLE_FIELDS = ("output_dir", "tracker", "num_workers", "log_every", "keep_checkpoints", "push_to_hub",
                     "hub_strategy", "hub_private")
-# How long a run trains: the first one set wins (max_steps, then epochs, then time_budget; PAPER's 200 epochs if none).
+# How long a run trains: the first one set wins (max_steps, then epochs, then time_budget; the paper's 200 epochs
+# if none).
 LENGTH_FIELDS = ("max_steps", "epochs", "time_budget")
 DEFAULT_EPOCHS = 200
-
-
-def _docstring_help(cls: type) -> dict[str, str]:
-    """`name: text` entries of a Google-style `Args:` section (IBProjConfig's), as one line each."""
-    args = (inspect.getdoc(cls) or "").split("Args:", 1)[-1]
-    entries = re.findall(r"^    (\w+(?:, \w+)*): (.*?)(?=^    \w|\Z)", args, flags=re.M | re.S)
-    return {name: " ".join(text.split()) for names, text in entries for name in names.split(", ")}
-
-
-def _as_flag_type(annotation: Any) -> Any:
-    """list/dict fields become YAML text for the parser (`X | str | None`, parsed in TrainConfig.__post_init__)."""
-    members = [t for t in typing.get_args(annotation) if t is not type(None)]
-    if members and typing.get_origin(members[0]) in (list, dict):
-        return typing.Optional[typing.Union[members[0], str]]  # HfArgumentParser takes str from (X, str, None)
-    return annotation
-
-
-def _model_settings() -> type:
-    """A dataclass of MODEL_FIELDS with IBProjConfig's own types, defaults and docs, so the two cannot drift apart."""
-    types = inspect.get_annotations(IBProjConfig, eval_str=True)  # its own fields, not PreTrainedConfig's
-    defaults = {field.name: field.default for field in dataclasses.fields(IBProjConfig)}
-    helps = _docstring_help(IBProjConfig)
-    fields = [(name, _as_flag_type(types[name]), dataclasses.field(default=defaults[name],
-                                                                   metadata={"help": helps[name]}))
-              for name in MODEL_FIELDS]
-    namespace = {"__module__": __name__, "__doc__": "The IBProjConfig settings of a pretraining run (MODEL_FIELDS)."}
-    return dataclasses.make_dataclass("ModelSettings", fields, namespace=namespace)
-
-
-ModelSettings = _model_settings()
 
 
 def _arg(default: Any, help: str) -> Any:
@@ -80,11 +50,51 @@ def _arg(default: Any, help: str) -> Any:
 
 
 @dataclasses.dataclass
+class ModelSettings:
+    """The IBProjConfig settings a run sets by flag or preset (MODEL_FIELDS), with IBProjConfig's defaults; the
+    model is rebuilt from them. The pretraining loop fills in the others (image statistics, interpolation,
+    distributed gathering) itself.
+
+    The list and dict settings also take YAML text, their command-line form (TrainConfig parses it).
+    """
+
+    backbone: str = _arg("resnet18_small", "timm architecture name: stock timm, or the small-image ResNets "
+                                           "resnet18_small, resnet34_small, resnet50_small that hf_ibproj registers")
+    backbone_kwargs: dict[str, Any] | str | None = _arg(
+        None, "keyword arguments of timm.create_model, as YAML (e.g. {channels: [32, 64, 128, 256]}); in_chans "
+              "comes from --channels")
+    objective: str = _arg("simclr", "simclr (NT-Xent) or barlow_twins")
+    num_views: int = _arg(2, "augmented views per image (>= 2)")
+    projector_hidden_dims: list[int] | str | None = _arg(
+        None, "widths of the projector's [Linear-(BN)-ReLU] blocks, as YAML (e.g. [2048, 2048]; [] for none); "
+              "none: the objective's paper default")
+    projector_out_dim: int | None = _arg(
+        None, "width of the projector's final plain Linear; 0: none; none: the objective's paper default")
+    projector_batch_norm: bool | None = _arg(
+        None, "BatchNorm in the projector's hidden blocks; none: the objective's paper default")
+    mi_weight: float = _arg(0.0, "lambda of the matrix-MI penalty lambda * I_alpha(Z1;Z2) (docs/method.md section 3a; "
+                                 "paper: 1e-4 on CIFAR); 0: off")
+    mi_alpha: float = _arg(2.0, "Renyi order alpha of the MI penalty (paper: 2)")
+    quantize_levels: int = _arg(0, "FSQ levels L per projector dimension (docs/method.md section 3b); 0: off; "
+                                   "paper: 30 for simclr, 3 for barlow_twins")
+    sparse_latent_dim: int = _arg(0, "latent size of the top-k sparse block (docs/method.md section 3c); 0: off")
+    sparse_topk: int | None = _arg(None, "active latents k of the sparse block; none: the paper ratio (0.001 for "
+                                         "simclr, 0.2 for barlow_twins)")
+    nt_xent_tau: float = _arg(0.2, "NT-Xent temperature (paper: 0.2)")
+    barlow_lambda: float = _arg(0.0051, "weight of the off-diagonal Barlow Twins term (paper: 0.0051)")
+    barlow_scale: float = _arg(0.1, "overall Barlow Twins loss scale (paper: 0.1)")
+    image_size: int = _arg(32, "input side in pixels (images of other sizes are resized to it)")
+
+
+MODEL_FIELDS = tuple(field.name for field in dataclasses.fields(ModelSettings))
+
+
+@dataclasses.dataclass
 class TrainConfig(ModelSettings):
-    """Every setting of a pretraining run. Paper defaults (PAPER.md section 6) unless a preset says otherwise.
+    """Every setting of a pretraining run. Paper defaults (docs/method.md section 6) unless a preset says otherwise.
 
     The model settings (MODEL_FIELDS: backbone, objective, projector and bottleneck settings, ...) are inherited
-    from IBProjConfig; the fields below are the data, optimization, monitoring and output settings.
+    from ModelSettings; the fields below are the data, optimization, monitoring and output settings.
     """
 
     # data
@@ -101,7 +111,7 @@ class TrainConfig(ModelSettings):
     streaming: bool = _arg(False, "decode per sample in DataLoader workers (datasets that do not fit in memory)")
     num_workers: int = _arg(2, "DataLoader workers per process (streaming)")
     augmentation: str | None = _arg(None, "augmentation recipe, simclr or barlow_twins (default: the objective's)")
-    crop_min_scale: float = _arg(CROP_MIN_SCALE, "smallest area fraction of the random resized crop (PAPER.md "
+    crop_min_scale: float = _arg(CROP_MIN_SCALE, "smallest area fraction of the random resized crop (docs/method.md "
                                                  "section 6); larger is a weaker augmentation")
     blur_kernel_size: int | None = _arg(None, "Gaussian-blur kernel of the simclr recipe (barlow_twins has no blur), "
                                               "odd (default: ~10% of the image side, at least 3); sigma 0.1-2 px")
@@ -110,8 +120,8 @@ class TrainConfig(ModelSettings):
     epochs: int | None = _arg(None, f"epochs to train (wins over --time-budget; {DEFAULT_EPOCHS} when no length "
                                     "is set)")
     time_budget: float | None = _arg(
-        None, "minutes for the whole run, training and final evaluation: the step count is fixed from the measured "
-              "step time after a few steps")
+        None, "minutes for the whole run, training and final evaluation: the step count is planned from the "
+              "measured step time, and planned again every few steps")
     batch_size: int = _arg(256, "per process and micro-step; global = batch_size x processes x accumulation")
     gradient_accumulation_steps: int = _arg(1, "micro-steps per optimizer step")
     optimizer: str = _arg("lars", "lars, sgd or adamw (timm's implementations)")
@@ -125,7 +135,7 @@ class TrainConfig(ModelSettings):
     seed: int = _arg(0, "seed of the weights, the data order and the augmentations")
     # monitoring
     log_every: int = _arg(50, "log loss, learning rate and throughput every N steps")
-    diagnostics_every: int = _arg(50, "log the information-plane quantities (PAPER.md section 5) every N steps")
+    diagnostics_every: int = _arg(50, "log the information-plane quantities (docs/method.md section 5) every N steps")
     online_probe_lr: float = _arg(0.1, "learning rate of the online linear probe on detached encoder features "
                                        "(a parameter group without weight decay or LARS adaptation)")
     knn_train_samples: int = _arg(10000, "memory bank of the per-epoch kNN monitor and the random-init floor "
@@ -147,13 +157,9 @@ class TrainConfig(ModelSettings):
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if isinstance(value, str) and _allows(field.name, (list, dict)):
-                setattr(self, field.name, _parse_yaml_flag(field.name, value))
-        if self.mixed_precision is False:  # YAML reads a bare `no` as false
-            self.mixed_precision = "no"
+            setattr(self, field.name, _normalized(field.name, getattr(self, field.name)))
         _choice("optimizer", self.optimizer, ("lars", "sgd", "adamw"))
-        _choice("mixed_precision", self.mixed_precision, ("auto", "no", "bf16", "fp16"))
+        _choice("mixed_precision", self.mixed_precision, MIXED_PRECISIONS)
         _choice("hub_strategy", self.hub_strategy, ("end", "checkpoint"))
         if self.augmentation is not None:
             _choice("augmentation", self.augmentation, ("simclr", "barlow_twins"))
@@ -169,9 +175,31 @@ class TrainConfig(ModelSettings):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"{name}={value!r} is invalid; it must be > 0.")
-        if self.push_to_hub is not None and "/" not in self.push_to_hub:
-            raise ValueError(f"push_to_hub={self.push_to_hub!r} is invalid; it must be a repo id 'username/name'.")
+        if self.push_to_hub is not None:
+            check_repo_id(self.push_to_hub)
         self.model_config()  # the model settings fail here, before any data is loaded
+
+    @classmethod
+    def from_preset(cls, preset: str | Path = DEFAULT_PRESET, **overrides: Any) -> TrainConfig:
+        """A preset's settings (a YAML file, e.g. one of configs/) with `overrides`, as train.py's flags would
+        give them: a length (max_steps, epochs or time_budget) replaces the preset's length."""
+        _check_names(overrides, "TrainConfig.from_preset")
+        values = read_preset(preset)
+        if set(overrides) & set(LENGTH_FIELDS):
+            values = {name: value for name, value in values.items() if name not in LENGTH_FIELDS}
+        return cls(**{**values, **overrides})
+
+    @classmethod
+    def from_run(cls, output_dir: str | Path, /, **overrides: Any) -> TrainConfig:
+        """The stored settings of the run in `output_dir`, to resume it; `overrides` may change only what
+        RESUMABLE_FIELDS names (any other setting that differs from the stored one is refused, as on `--resume`).
+        The setting output_dir is `output_dir` (the run may have been moved or downloaded) unless overridden."""
+        _check_names(overrides, "TrainConfig.from_run")
+        stored = cls(**read_run_config(output_dir))
+        requested = {name: _normalized(name, value)
+                     for name, value in {"output_dir": str(output_dir), **overrides}.items()}
+        refuse_resume_changes(stored.to_dict(), requested, RESUMABLE_FIELDS, output_dir)
+        return dataclasses.replace(stored, **requested)
 
     def model_config(self) -> IBProjConfig:
         kwargs = {name: getattr(self, name) for name in MODEL_FIELDS}
@@ -179,10 +207,8 @@ class TrainConfig(ModelSettings):
         return IBProjConfig(**kwargs)
 
     def resolve_mixed_precision(self, device: torch.device) -> str:
-        """`"auto"` becomes `"bf16"` where the hardware computes bf16 natively (else it is slower) and `"no"` elsewhere."""
-        if self.mixed_precision == "auto":
-            return "bf16" if has_native_bf16(device) else "no"
-        return self.mixed_precision
+        """accelerate's mixed_precision on `device` (hf_ibproj.precision.resolve_mixed_precision of this choice)."""
+        return resolve_mixed_precision(self.mixed_precision, device)
 
     @property
     def augmentation_preset(self) -> str:
@@ -205,25 +231,55 @@ def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
         raise ValueError(f"{name}={value!r} is invalid; allowed values: {', '.join(allowed)}.")
 
 
-def _flag(name: str) -> str:
-    return f"--{name.replace('_', '-')}"
+def _check_names(values: dict[str, Any], where: str) -> None:
+    known = [field.name for field in dataclasses.fields(TrainConfig)]
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ValueError(f"{where}: unknown setting(s) {', '.join(unknown)}; the settings are: {', '.join(known)}.")
+
+
+@functools.cache
+def _field_types() -> dict[str, Any]:
+    return typing.get_type_hints(TrainConfig)
 
 
 def _allows(name: str, kinds: tuple[type, ...]) -> bool:
     """Whether TrainConfig's field `name` may hold a value of one of `kinds` (list, dict, NoneType, ...)."""
-    annotation = typing.get_type_hints(TrainConfig)[name]
+    annotation = _field_types()[name]
     members = typing.get_args(annotation) or (annotation,)
     return any((typing.get_origin(t) or t) in kinds for t in members)
+
+
+def _normalized(name: str, value: Any) -> Any:
+    """A setting's value as its field's type, from the text a flag or preset may give: YAML for a list or dict,
+    a number or boolean as the command line converts it (a preset's `1e-4` is text to YAML)."""
+    if name == "mixed_precision" and value is False:  # YAML reads a bare `no` as false
+        return "no"
+    if not isinstance(value, str):
+        return value
+    if _allows(name, (list, dict)):
+        return _parse_yaml_flag(name, value)
+    if _allows(name, (str,)):
+        return value
+    for kind, convert, expected in ((bool, string_to_bool, "a boolean"), (int, int, "an integer"),
+                                    (float, float, "a number")):
+        if _allows(name, (kind,)):
+            try:
+                return convert(value)
+            except (ValueError, argparse.ArgumentTypeError):
+                raise ValueError(f"{name}={value!r} is invalid; it must be {expected}.") from None
+    return value
 
 
 def _parse_yaml_flag(name: str, text: str) -> Any:
     try:
         value = yaml.safe_load(text)
     except yaml.YAMLError as error:
-        raise ValueError(f"{_flag(name)} expects YAML (e.g. [2048, 2048] or {{channels: [32, 64, 128, 256]}}), "
+        raise ValueError(f"{flag_name(name)} expects YAML (e.g. [2048, 2048] or {{channels: [32, 64, 128, 256]}}), "
                          f"got {text!r}: {error}") from None
-    if value is not None and not _allows(name, (type(value),)):
-        raise ValueError(f"{_flag(name)} expects a {typing.get_type_hints(TrainConfig)[name]}, got {text!r}.")
+    kinds = [t for t in typing.get_args(_field_types()[name]) if typing.get_origin(t) in (list, dict)]
+    if value is not None and not isinstance(value, tuple(typing.get_origin(t) for t in kinds)):
+        raise ValueError(f"{flag_name(name)} expects a {' or '.join(map(str, kinds))} as YAML, got {text!r}.")
     return value
 
 
@@ -244,12 +300,12 @@ def read_preset(path: str | Path) -> dict[str, Any]:
 
 
 def read_run_config(run_dir: str | Path) -> dict[str, Any]:
-    """The TrainConfig fields stored in RUN/config.yaml (the run's resolved configuration)."""
-    path = Path(run_dir) / RUN_CONFIG
-    if not path.is_file():
-        raise FileNotFoundError(f"--resume: {path} does not exist, so the run's configuration is unknown; "
+    """The TrainConfig fields of a run's stored configuration (its resolved settings, RunFolder.config_file)."""
+    run = RunFolder(run_dir)
+    if not run.config_file.is_file():
+        raise FileNotFoundError(f"--resume: {run.config_file} does not exist, so the run's configuration is unknown; "
                                 "check --output-dir (it must be the folder of the run to continue).")
-    stored = yaml.safe_load(path.read_text()) or {}
+    stored = run.read_config()
     return {f.name: stored[f.name] for f in dataclasses.fields(TrainConfig) if f.name in stored}
 
 
@@ -257,18 +313,19 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
     pass
 
 
-def build_arg_parser(defaults: dict[str, Any] | None = None) -> ArgumentParser:
-    """Every TrainConfig field as a flag (defaults: `defaults`, e.g. a preset), plus --config and --resume."""
-    parser = ArgumentParser(TrainConfig, formatter_class=_HelpFormatter, description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default=str(DEFAULT_PRESET), help="YAML preset of the settings")
+def build_arg_parser(defaults: dict[str, Any] | None = None, argument_default: Any = None) -> ArgumentParser:
+    """Every TrainConfig field as a flag (defaults: `defaults`, e.g. a preset), plus --config and --resume.
+
+    With `argument_default=argparse.SUPPRESS` no flag has a default: `parse_args` returns only the flags given.
+    """
+    parser = ArgumentParser(TrainConfig, formatter_class=_HelpFormatter, description=__doc__.split("\n\n")[0],
+                            argument_default=argument_default)
+    parser.add_argument("--config", help="YAML preset of the settings")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --output-dir from its latest checkpoint, with its stored settings")
-    for field in dataclasses.fields(TrainConfig):  # and for the optional booleans (projector_batch_norm)
-        if _allows(field.name, (bool,)) and f"--no-{field.name.replace('_', '-')}" not in parser._option_string_actions:
-            parser.add_argument(f"--no-{field.name.replace('_', '-')}", dest=field.name, action="store_false",
-                                help=f"turn --{field.name.replace('_', '-')} off")
-    if defaults:
-        parser.set_defaults(**{name: _as_flag_default(value) for name, value in defaults.items()})
+    if argument_default is not argparse.SUPPRESS:
+        values = {name: _as_flag_default(value) for name, value in (defaults or {}).items()}
+        parser.set_defaults(config=str(DEFAULT_PRESET), **values)
     return parser
 
 
@@ -277,14 +334,10 @@ def _as_flag_default(value: Any) -> Any:
     return yaml.safe_dump(value, default_flow_style=True).strip() if isinstance(value, (list, dict)) else value
 
 
-def explicit_flags(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
-    """The destinations of the flags that `argv` gives (`--x V`, `--x=V`, `--no-x`)."""
-    given = set()
-    for token in argv:
-        action = parser._option_string_actions.get(token.split("=", 1)[0]) if token.startswith("--") else None
-        if action is not None:
-            given.add(action.dest)
-    return given
+def explicit_flags(argv: list[str]) -> set[str]:
+    """The destinations of the flags `argv` gives (`--x V`, `--x=V`, `--no-x`, an abbreviation, ...): what a parser
+    without defaults returns."""
+    return set(vars(build_arg_parser(argument_default=argparse.SUPPRESS).parse_args(argv)))
 
 
 def early_arguments(argv: list[str] | None = None) -> argparse.Namespace:
@@ -293,43 +346,29 @@ def early_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     early.add_argument("--config", default=str(DEFAULT_PRESET))
     early.add_argument("--resume", action="store_true")
     for name in ("output_dir", "push_to_hub"):
-        early.add_argument(_flag(name), f"--{name}", dest=name)
+        early.add_argument(flag_name(name), f"--{name}", dest=name)
     return early.parse_known_args(list(argv) if argv is not None else sys.argv[1:])[0]
 
 
 def parse_train_config(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Namespace]:
-    """Preset values, then command-line overrides, validated as one TrainConfig; on --resume, the run's own values."""
+    """train.py's command line (default: sys.argv[1:]): `TrainConfig.from_preset(--config, **flags given)`, or on
+    --resume `TrainConfig.from_run(--output-dir, **flags given)`; and the parsed namespace (.config, .resume)."""
     argv = list(argv) if argv is not None else sys.argv[1:]
     known = early_arguments(argv)
-    if known.resume:
-        if known.output_dir is None:
-            raise ValueError("--resume needs --output-dir, the folder of the run to continue.")
-        defaults = read_run_config(known.output_dir)
-    else:
-        defaults = read_preset(known.config)
-    parser = build_arg_parser(defaults)
-    given = explicit_flags(parser, argv)
-    args = parser.parse_args(argv)
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
-    for name, value in values.items():  # "none" / "null" on the command line clears an optional setting
-        if name in given and isinstance(value, str) and value.lower() in ("none", "null") and _allows(name, (type(None),)):
-            values[name] = None
-    if known.resume:
-        _refuse_changes_on_resume(TrainConfig(**values), TrainConfig(**defaults), given)
-    elif given & set(LENGTH_FIELDS):  # a length on the command line replaces the preset's length
-        values.update({name: None for name in set(LENGTH_FIELDS) - given})
-    return TrainConfig(**values), args
-
-
-def _refuse_changes_on_resume(requested: TrainConfig, stored: TrainConfig, given: set[str]) -> None:
+    if known.resume and known.output_dir is None:
+        raise ValueError("--resume needs --output-dir, the folder of the run to continue.")
+    defaults = read_run_config(known.output_dir) if known.resume else read_preset(known.config)
+    args = build_arg_parser(defaults).parse_args(argv)  # --help, and the parser's errors on bad values
+    given = explicit_flags(argv)
+    overrides = {}
+    for field in dataclasses.fields(TrainConfig):
+        if field.name in given:
+            value = getattr(args, field.name)
+            if isinstance(value, str) and value.lower() in ("none", "null") and _allows(field.name, (type(None),)):
+                value = None  # "none" / "null" on the command line clears an optional setting
+            overrides[field.name] = value
+    if not known.resume:
+        return TrainConfig.from_preset(args.config, **overrides), args
     if "config" in given:
         raise ValueError("--resume continues a run with its own stored configuration; drop --config.")
-    changed = [name for name in sorted(given - set(RESUMABLE_FIELDS) - {"resume"})
-               if getattr(requested, name) != getattr(stored, name)]
-    if changed:
-        details = ", ".join(f"{_flag(n)} ({getattr(stored, n)!r} -> {getattr(requested, n)!r})" for n in changed)
-        raise ValueError(
-            f"--resume continues the run as it was configured, but {details} would change the model, the data or "
-            f"the schedule. Drop the flag(s), or start a new run with another --output-dir. Flags allowed on resume: "
-            f"{', '.join(_flag(n) for n in RESUMABLE_FIELDS)}."
-        )
+    return TrainConfig.from_run(known.output_dir, **overrides), args

@@ -10,6 +10,9 @@ from transformers import get_cosine_schedule_with_warmup
 
 from hf_ibproj.budget import FINAL_EVAL_MARGIN, FINAL_SAVE_SECONDS, TimeBudget, evaluation_estimate, revised_estimate
 
+# the simulated loop steps the schedule without an optimizer step (no gradients here)
+pytestmark = pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before:UserWarning")
+
 
 class FakeClock:
     def __init__(self) -> None:

@@ -299,15 +299,13 @@ def test_card_metadata_and_training_summary(stock, small):
     assert "hf_ibproj" not in usage and "pip install hf_ibproj" not in small_card.text
 
 
-def test_card_training_length_follows_the_budget_revision():
+def test_card_training_length_states_the_budget_plan():
     from hf_ibproj.cards import _training_length
 
     plan = {"time_budget_min": 10.0, "total_steps": 434, "epochs": 1.85, "img_per_s": 228.7}
-    revision = {**plan, "total_steps": 419, "epochs": 1.79, "img_per_s": 227.2}
     assert _training_length({"epochs": None}, {"plan": plan}) == (
         "434 steps (1.85 epochs), fixed by a 10-minute time budget at a measured 229 img/s")
-    assert _training_length({"epochs": None}, {"plan": plan, "plan_revision": revision}) == (
-        "419 steps (1.79 epochs), fixed by a 10-minute time budget at a measured 227 img/s")
+    assert _training_length({"epochs": 3}, {"total_steps": 24}) == "24 steps (3 epochs)"  # a fixed-length run
 
 
 def test_cli_export_and_bad_input_leave_folders_unchanged(stock, tmp_path, capsys):
