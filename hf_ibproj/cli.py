@@ -7,6 +7,7 @@ import importlib
 import sys
 
 from .arguments import ArgumentParser
+from .progress import plain_logs_off_terminal
 
 # Modules that contribute sub-commands, each through a `register_cli(subparsers)` function.
 _COMMAND_MODULES = ("hf_ibproj.hub_cli", "hf_ibproj.evaluate_cli", "hf_ibproj.finetune")
@@ -26,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    plain_logs_off_terminal()
     try:
         return int(args.func(args) or 0)
     except (ValueError, OSError) as error:  # bad input: a flag's value, a missing or occupied folder, a bad reference

@@ -1,4 +1,5 @@
-"""Frozen-backbone evaluation (docs/method.md section 6): features extracted once, then a linear probe and a weighted kNN.
+"""Frozen-backbone evaluation (docs/method.md section 6): features extracted once, then a linear probe and a
+weighted kNN.
 
 The paper evaluates a linear classifier on FROZEN encoder features; the weighted kNN is the cheap monitor that
 solo-learn and lightly report beside it. Both run on the same features, extracted once per backbone:
@@ -11,7 +12,7 @@ solo-learn and lightly report beside it. Both run on the same features, extracte
 Datasets too large to decode into memory go through `extract_dataset_features` (a per-sample Dataset, e.g.
 hf_ibproj.data.StreamingImageDataset, read by DataLoader workers; only the features are kept) and
 `evaluate_features`. Accuracies are percentages (0-100); top-5 is reported only with more than 5 classes.
-Feature extraction and the linear-probe fits show tqdm progress. `hf-ibproj evaluate` (hf_ibproj.evaluate_cli)
+Feature extraction and the linear-probe fits show their progress (hf_ibproj.progress). `hf-ibproj evaluate` (hf_ibproj.evaluate_cli)
 is the command-line face of this module; train.py calls `evaluate_backbone` at its end.
 """
 
@@ -26,11 +27,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
-from tqdm.auto import tqdm
 
 from .augmentation import to_model_input
 from .data import ImageData
 from .precision import has_native_bf16
+from .progress import progress_bar
 
 WEIGHT_DECAY_GRID = (1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
 PRECISIONS = ("auto", "no", "bf16")  # accelerate's mixed_precision names; "no" is float32
@@ -59,7 +60,7 @@ def extract_features(
     (CUDA with bf16, CPUs with AVX512-BF16 or AMX) and float32 elsewhere (a CPU without bf16 units emulates it,
     slower than float32: benchmarks/RESULTS.md). The backbone is moved to
     `device` (default: where its parameters are) in channels_last memory format and run in eval mode; its
-    train/eval mode is restored afterwards. `progress` shows a tqdm bar.
+    train/eval mode is restored afterwards. `progress` shows a progress bar (hf_ibproj.progress).
     """
     if images.dtype != torch.uint8 or images.dim() != 4:
         raise ValueError(f"images must be a uint8 tensor (N, C, H, W); got {images.dtype} {tuple(images.shape)}.")
@@ -130,8 +131,8 @@ def _features(
     features = []
     try:
         with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            for batch in tqdm(batches, total=num_batches, desc="features", unit="batch", disable=not progress,
-                              leave=False):
+            for batch in progress_bar(batches, total=num_batches, desc="features", unit="batch",
+                                      disable=not progress, leave=False):
                 if batch.shape[1] != len(mean):
                     raise ValueError(
                         f"images have {batch.shape[1]} channels but mean/std have {len(mean)} values; "
@@ -224,7 +225,7 @@ def linear_probe(
     scored on test. The objective is mean cross-entropy + weight_decay / 2 * ||W||^2 (bias not penalized), i.e.
     scikit-learn's LogisticRegression with C = 1 / (weight_decay * n_train); it is convex and solved with
     full-batch L-BFGS in float32 (a few hundred iterations for 60k x 256 features, tens of seconds on 2 cores).
-    `progress` shows a tqdm bar of the L-BFGS function evaluations of every fit.
+    `progress` shows a progress bar of the L-BFGS function evaluations of every fit.
     """
     if not weight_decays or min(weight_decays) <= 0:
         raise ValueError(f"weight_decays must be positive values; got {weight_decays}.")
@@ -236,7 +237,7 @@ def linear_probe(
 
     params = None
     best_accuracy, best_weight_decay, best_params = -1.0, weight_decays[0], None
-    with tqdm(desc="linear probe", unit="step", disable=not progress, leave=False) as bar:
+    with progress_bar(desc="linear probe", unit="step", disable=not progress, leave=False) as bar:
         if len(weight_decays) > 1:
             fit_index, val_index = _split_validation(len(x_train), val_fraction, seed)
             for weight_decay in sorted(weight_decays, reverse=True):
@@ -338,7 +339,7 @@ def evaluate_backbone(
 ) -> dict[str, Any]:
     """Linear-probe and kNN accuracy (percent) of a frozen backbone on in-memory splits (`evaluate_features`).
 
-    Features are extracted once per split; `progress` shows tqdm bars for the extraction and the probe fits.
+    Features are extracted once per split; `progress` shows progress bars for the extraction and the probe fits.
     """
     class_names = shared_class_names(train.class_names, test.class_names)
     check_labels(train.labels, test.labels, class_names)  # before the costly extraction

@@ -42,7 +42,6 @@ from timm.data.transforms import str_to_interp_mode
 from timm.models import get_model_args
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
-from tqdm.auto import tqdm
 from transformers import TimmWrapperConfig, TimmWrapperForImageClassification, get_cosine_schedule_with_warmup
 
 from . import cli
@@ -60,6 +59,7 @@ from .evaluation import check_labels, shared_class_names
 from .export import carry_small_resnet_code
 from .hub import PushError, check_push_access, push_folder
 from .precision import resolve_mixed_precision
+from .progress import progress_bar
 from .runs import CHECKPOINTS, checkpoint_step, latest_checkpoint, save_checkpoint, write_json
 from .seeding import seeded
 from .sources import Source, resolve_source
@@ -208,8 +208,8 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, accelerator: Accelerato
     """Top-1 accuracy in percent over the whole split (all processes)."""
     model.eval()
     correct = total = 0
-    for pixel_values, labels in tqdm(loader, desc="evaluation", unit="batch", leave=False,
-                                     disable=not accelerator.is_local_main_process):
+    for pixel_values, labels in progress_bar(loader, desc="evaluation", unit="batch", leave=False,
+                                             disable=not accelerator.is_local_main_process):
         predictions = model(pixel_values=pixel_values).logits.argmax(dim=-1)
         predictions, labels = accelerator.gather_for_metrics((predictions, labels))
         correct += (predictions == labels).sum().item()
@@ -334,8 +334,8 @@ def finetune(args: FinetuneArguments) -> dict[str, Any]:
         + (f"; resuming at step {step} from {checkpoint}" if checkpoint is not None else "")
     )
 
-    progress = tqdm(total=args.epochs * steps_per_epoch, initial=step, desc="fine-tuning", unit="step",
-                    disable=not accelerator.is_local_main_process)
+    progress = progress_bar(total=args.epochs * steps_per_epoch, initial=step, desc="fine-tuning", unit="step",
+                            disable=not accelerator.is_local_main_process)
     start_epoch, skip = divmod(step, steps_per_epoch)
     for epoch in range(start_epoch, args.epochs):
         set_train_mode(accelerator.unwrap_model(model), args.mode)

@@ -26,7 +26,6 @@ import torch.nn.functional as F
 from accelerate import Accelerator, PartialState
 from accelerate.utils import ProjectConfiguration, broadcast_object_list, set_seed
 from timm.optim import create_optimizer_v2, param_groups_weight_decay
-from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from .augmentation import TwoViewAugmentation
@@ -37,6 +36,7 @@ from .export import export_backbone
 from .hub import PushError, check_push_access, download_run_checkpoint, push_checkpoint, push_to_hub
 from .modeling_ibproj import IBProjModel
 from .plotting import plot_information_plane
+from .progress import plain_logs_off_terminal, progress_bar
 from .precision import resolve_mixed_precision
 from .runs import RunFolder, hardware_summary, latest_checkpoint, library_versions, read_training_state, save_checkpoint
 from .splits import SplitData, SplitScorer, channel_statistics, images_of, labels_of, load_splits, subset
@@ -144,6 +144,7 @@ def main(argv: list[str] | None = None, started_at: float | None = None) -> int:
     if early.resume and early.push_to_hub and early.output_dir:
         fetch_run_from_hub(early.output_dir, early.push_to_hub)
     config, args = parse_train_config(argv)
+    plain_logs_off_terminal()
     state = process_state()
     if not args.resume and state.is_main_process:
         preset = TrainConfig.from_preset(args.config).to_dict()
@@ -405,8 +406,9 @@ def start_run(config: TrainConfig, resume: bool, started_at: float) -> Run:
                                 used_s=(budget_state or {}).get("used_s", 0.0))
     run.scheduler = make_scheduler(optimizer, run.progress)
     run.phases["training_start_s"] = run.since_start()
-    run.bar = tqdm(total=run.progress.total_steps if run.progress.planned else None, initial=run.progress.step,
-                   disable=not accelerator.is_main_process, desc="pretrain")
+    run.bar = progress_bar(total=run.progress.total_steps if run.progress.planned else None,
+                           initial=run.progress.step, disable=not accelerator.is_main_process, desc="pretrain",
+                           unit="step")
     reset_window(run)
     return run
 

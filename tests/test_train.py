@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -241,9 +242,13 @@ def test_time_budget_run_ends_on_time_and_a_resume_spends_what_is_left(tiny_data
     from huggingface_hub import ModelCard
 
     out = tmp_path / "budget"
-    run_train(["--dataset", str(tiny_dataset), "--time-budget", "1", "--checkpoint-every", "4",
-               "--keep-checkpoints", "1000", "--tracker", "none", "--output-dir", str(out), *TINY,
-               "--warmup-epochs", "4"])
+    result = run_train(["--dataset", str(tiny_dataset), "--time-budget", "1", "--checkpoint-every", "4",
+                        "--keep-checkpoints", "1000", "--tracker", "none", "--output-dir", str(out), *TINY,
+                        "--warmup-epochs", "4"])
+    # its log, off a terminal: plain lines (no redrawn progress frames) with the plan, the monitors and the end
+    log = result.stdout + result.stderr
+    assert "\r" not in log and "time budget: " in log and "epoch 1: kNN top-1" in log
+    assert re.search(r"^pretrain: \d+/\d+ step done", log, flags=re.M)
     info = json.loads((out / "run_info.json").read_text())
     plan = info["plan"]
     assert plan["planned_at_step"] == SKIP_STEPS + MIN_TIMED_STEPS  # the first plan, after the untimed steps
