@@ -315,6 +315,8 @@ def follow_budget(run: Run) -> None:
     progress.warmup_steps = min(round(run.config.warmup_epochs * run.steps_per_epoch), total)
     run.scheduler = make_scheduler(run.optimizer, progress)
     run.bar.total = total
+    if first:
+        run.bar.set_description("pretrain")
     if first and run.accelerator.is_main_process:
         plan = run.budget.latest
         run.folder.update_info(plan=plan)
@@ -407,8 +409,8 @@ def start_run(config: TrainConfig, resume: bool, started_at: float) -> Run:
     run.scheduler = make_scheduler(optimizer, run.progress)
     run.phases["training_start_s"] = run.since_start()
     run.bar = progress_bar(total=run.progress.total_steps if run.progress.planned else None,
-                           initial=run.progress.step, disable=not accelerator.is_main_process, desc="pretrain",
-                           unit="step")
+                           initial=run.progress.step, disable=not accelerator.is_main_process, unit="step",
+                           desc="pretrain" if run.progress.planned else "pretrain (time budget: planning)")
     reset_window(run)
     return run
 
