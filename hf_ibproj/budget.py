@@ -27,6 +27,12 @@ FINAL_EVAL_MARGIN = 0.7  # the trained backbone's evaluation against the random-
 FINAL_SAVE_SECONDS = 5.0  # saving the model, the plot and the records
 
 
+def planned_warmup(configured: int, total: int) -> int:
+    """The warm-up steps of a plan: the configured ones, but at most half the plan, so that a short budget still
+    decays its learning rate to zero at the last step."""
+    return min(configured, total // 2)
+
+
 def evaluation_estimate(random_init: dict | None, final_rows: tuple[int, int], monitor_rows: tuple[int, int],
                         ratio: float = FINAL_EVAL_MARGIN) -> tuple[float, float]:
     """(final phase, one kNN monitor) in seconds, from the random-init evaluation (same architecture and images).
@@ -68,7 +74,7 @@ class TimeBudget:
 
     The loop calls `step_done()` after every optimizer step, `monitor_done()` after an epoch-end monitor (its time
     is not step time) and, where `plan_due(step)`, `plan(step)` for the new total. `used_s` seconds were spent by
-    the run before this process (a resumed run); `clock` is injectable for tests.
+    the run before this process and `plan` is its latest plan (a resumed run); `clock` is injectable for tests.
 
     Examples:
         >>> clock = iter(range(0, 10**6, 1)).__next__  # one second per step
@@ -81,7 +87,8 @@ class TimeBudget:
     """
 
     def __init__(self, seconds: float, *, started_at: float, steps_per_epoch: int, images_per_step: int,
-                 estimate: tuple[float, float], used_s: float = 0.0, clock: Callable[[], float] = time.time) -> None:
+                 estimate: tuple[float, float], used_s: float = 0.0, plan: dict[str, Any] | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
         self.seconds, self.steps_per_epoch, self.images_per_step = seconds, steps_per_epoch, images_per_step
         self.clock = clock
         self.started_at, self.used_before = started_at, used_s
@@ -89,7 +96,7 @@ class TimeBudget:
         self.deadline = started_at - used_s + TARGET * seconds
         self.durations: deque[float] = deque()
         self.window_s, self.steps_seen, self.last_mark = 0.0, 0, None
-        self.latest: dict[str, Any] | None = None  # the latest plan, for the records
+        self.latest = plan  # the latest plan (a resumed run's: its checkpoint's), for the records
 
     def used_s(self) -> float:
         """Seconds of the budget spent so far, this process and the ones before it."""
@@ -129,6 +136,6 @@ class TimeBudget:
                        "knn_monitor_s": round(self.monitor_s, 2), "final_phase_s": round(self.final_s, 1)}
         return step + steps
 
-    def state_dict(self) -> dict[str, float]:
-        """What a checkpoint keeps: the budget and the seconds spent of it."""
-        return {"seconds": self.seconds, "used_s": round(self.used_s(), 3)}
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps: the budget, the seconds spent of it and the latest plan."""
+        return {"seconds": self.seconds, "used_s": round(self.used_s(), 3), "plan": self.latest}

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from .augmentation import to_model_input
 from .data import ImageData
-from .precision import has_native_bf16
+from .precision import resolve_mixed_precision
 from .progress import progress_bar
 
 WEIGHT_DECAY_GRID = (1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
@@ -125,7 +125,7 @@ def _features(
         raise ValueError(f"mean and std have {len(mean)} and {len(std)} values; give one per channel to both.")
     device = torch.device(device) if device is not None else next(backbone.parameters()).device
     backbone.to(device=device, memory_format=torch.channels_last)
-    use_bf16 = precision == "bf16" or (precision == "auto" and has_native_bf16(device))
+    use_bf16 = resolve_mixed_precision(precision, device) == "bf16"
     was_training = backbone.training
     backbone.eval()
     features = []

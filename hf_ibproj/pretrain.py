@@ -28,8 +28,9 @@ from accelerate.utils import ProjectConfiguration, broadcast_object_list, set_se
 from timm.optim import create_optimizer_v2, param_groups_weight_decay
 from transformers import get_cosine_schedule_with_warmup
 
+from .arguments import refuse_resume_changes
 from .augmentation import TwoViewAugmentation
-from .budget import TimeBudget, evaluation_estimate, revised_estimate
+from .budget import TimeBudget, evaluation_estimate, planned_warmup, revised_estimate
 from .data import ImageData
 from .evaluation import format_table
 from .export import export_backbone
@@ -40,7 +41,7 @@ from .progress import plain_logs_off_terminal, progress_bar
 from .precision import resolve_mixed_precision
 from .runs import RunFolder, hardware_summary, latest_checkpoint, library_versions, read_training_state, save_checkpoint
 from .splits import SplitData, SplitScorer, channel_statistics, images_of, labels_of, load_splits, subset
-from .train_config import TrainConfig, early_arguments, parse_train_config
+from .train_config import RESUMABLE_FIELDS, TrainConfig, early_arguments, parse_train_config
 
 STREAMING_EVAL_TRAIN_SAMPLES = 20000  # final_eval_train_samples when streaming and unset
 DIAGNOSTIC_SAMPLES = 1000  # the fixed held-out images of the label-free diagnostics
@@ -133,7 +134,8 @@ def pretrain(config: TrainConfig, *, resume: bool = False, started_at: float | N
         run.accelerator.wait_for_everyone()
     finally:
         run.bar.close()
-        run.accelerator.end_training()  # closes the trackers and the process group
+        for tracker in run.accelerator.trackers:  # not end_training(): the process group stays for the next call
+            tracker.finish()
     final_eval = finish_run(run) if run.accelerator.is_main_process else None
     return PretrainResult(run.folder.path, run.unwrapped, final_eval)
 
@@ -156,6 +158,8 @@ def main(argv: list[str] | None = None, started_at: float | None = None) -> int:
         if state.is_main_process:
             print(f"train.py: error: {error}", file=sys.stderr)
         return 1
+    finally:
+        state.destroy_process_group()
     return 0
 
 
@@ -247,7 +251,7 @@ def epoch_batches(run: Run):
         return
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(run.train, order.flatten().tolist()),
                                          batch_size=config.batch_size, num_workers=config.num_workers,
-                                         pin_memory=device.type == "cuda")
+                                         pin_memory=device.type == "cuda", generator=generator)
     for images, labels, skipped in loader:
         labels = None if run.train.labels is None else labels.to(device)
         yield images.to(device, non_blocking=True), labels, int(skipped.sum())
@@ -312,7 +316,7 @@ def follow_budget(run: Run) -> None:
     total = broadcast_object_list([run.budget.plan(run.progress.step)])[0]
     progress = run.progress
     progress.total_steps, progress.planned = total, True
-    progress.warmup_steps = min(round(run.config.warmup_epochs * run.steps_per_epoch), total)
+    progress.warmup_steps = planned_warmup(round(run.config.warmup_epochs * run.steps_per_epoch), total)
     run.scheduler = make_scheduler(run.optimizer, progress)
     run.bar.total = total
     if first:
@@ -362,6 +366,8 @@ def start_run(config: TrainConfig, resume: bool, started_at: float) -> Run:
         check_push_access(config.push_to_hub)  # a bad repo id or no token fails now, not after hours of training
     folder = resolve_run_folder(config, resume)
     config = replace(config, mixed_precision=resolve_mixed_precision(config.mixed_precision, state.device))
+    if resume:  # as --resume: nothing that would change the stored run (TrainConfig.from_run gives its settings)
+        refuse_resume_changes(folder.read_config(), config.to_dict(), RESUMABLE_FIELDS, folder.path)
     accelerator = Accelerator(
         cpu=state.device.type == "cpu", mixed_precision=config.mixed_precision,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
@@ -405,7 +411,7 @@ def start_run(config: TrainConfig, resume: bool, started_at: float) -> Run:
     if config.length[0] == "time_budget":
         run.budget = TimeBudget(config.time_budget * 60, started_at=started_at, steps_per_epoch=steps_per_epoch,
                                 images_per_step=global_batch, estimate=run.estimate(),
-                                used_s=(budget_state or {}).get("used_s", 0.0))
+                                used_s=(budget_state or {}).get("used_s", 0.0), plan=(budget_state or {}).get("plan"))
     run.scheduler = make_scheduler(optimizer, run.progress)
     run.phases["training_start_s"] = run.since_start()
     run.bar = progress_bar(total=run.progress.total_steps if run.progress.planned else None,
@@ -501,12 +507,13 @@ def write_start_records(run: Run, resume: bool, global_batch: int) -> None:
 
 def evaluate_floor(run: Run, resume: bool) -> None:
     """The random-init floor: the run's own initial backbone, evaluated on the kNN monitor's subsets (its times size
-    the final evaluation's and the monitors' shares of a time budget); a resumed run reads the one it wrote."""
+    the final evaluation's and the monitors' shares of a time budget); a resumed run reads the one it wrote (none
+    when its folder came from the Hub without it)."""
     accelerator, config, folder = run.accelerator, run.config, run.folder
     if run.held_out is not None and accelerator.is_main_process:
         indices = subset(run.held_out, DIAGNOSTIC_SAMPLES, config.seed)
         run.diagnostic_images = images_of(run.held_out, indices, config.num_workers)
-    if run.evaluable and accelerator.is_main_process and not (resume and folder.random_init_eval_file.is_file()):
+    if run.evaluable and accelerator.is_main_process and not resume:  # a resumed run's weights are not initial
         result = run.scorer.evaluate(run.unwrapped.backbone, "random-init", config.knn_train_samples,
                                      config.knn_eval_samples)
         started = time.perf_counter()
@@ -537,7 +544,7 @@ def finish_run(run: Run) -> dict | None:
         folder.write_final_eval(final)
         print(f"\nFrozen-backbone evaluation on {config.dataset} ({config.eval_split} split):")
         print(format_table({f"{name} ({result['num_train']:,} / {result['num_test']:,} images)": result
-                            for name, result in (("trained", trained), ("random-init", run.random_init))}))
+                            for name, result in (("trained", trained), ("random-init", run.random_init)) if result}))
     phases["evaluation_end_s"] = run.since_start()
     budget = {"plan": run.budget.latest} if run.budget is not None and run.budget.latest else {}
     folder.update_info(wall_time_s=phases["evaluation_end_s"], total_steps=run.progress.total_steps,

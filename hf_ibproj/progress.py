@@ -16,9 +16,14 @@ from tqdm.auto import tqdm
 PLAIN_INTERVAL_S = 30.0
 
 
+def on_terminal() -> bool:
+    """Whether progress goes to a terminal (tqdm writes to stderr)."""
+    return sys.stderr.isatty()
+
+
 def progress_bar(iterable: Any = None, **kwargs: Any) -> Any:
     """tqdm(iterable, **kwargs) where stderr is a terminal, else a `PlainProgress` with the same interface."""
-    if sys.stderr.isatty():
+    if on_terminal():
         return tqdm(iterable, **kwargs)
     return PlainProgress(iterable, **kwargs)
 
@@ -86,7 +91,7 @@ class PlainProgress:
 def plain_logs_off_terminal() -> None:
     """For the commands: off a terminal, also silence the bars of transformers, datasets and huggingface_hub
     (saving and loading weights, preparing a dataset), which would write redrawn frames into the log."""
-    if sys.stderr.isatty():
+    if on_terminal():
         return
     import datasets
     import huggingface_hub.utils

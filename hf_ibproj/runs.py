@@ -52,7 +52,7 @@ class RunFolder:
     MODEL = "model"
     BACKBONE = "backbone"
     LOGS = "logs"
-    RECORDS = (CONFIG, INFO, METRICS)  # what travels with a checkpoint pushed to the Hub
+    RECORDS = (CONFIG, INFO, METRICS, RANDOM_INIT_EVAL)  # what travels with a checkpoint pushed to the Hub
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)

@@ -35,7 +35,6 @@ if TYPE_CHECKING:
     import torch
 
 DEFAULT_PRESET = CONFIG_DIR / "fashion_mnist_cpu.yaml"
-RUN_CONFIG = RunFolder.CONFIG  # the run's stored settings, in its folder
 # Settings `--resume` may change: they change what is logged or kept, never the trained weights.
 RESUMABLE_FIELDS = ("output_dir", "tracker", "num_workers", "log_every", "keep_checkpoints", "push_to_hub",
                     "hub_strategy", "hub_private")

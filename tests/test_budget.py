@@ -8,7 +8,14 @@ import pytest
 import torch
 from transformers import get_cosine_schedule_with_warmup
 
-from hf_ibproj.budget import FINAL_EVAL_MARGIN, FINAL_SAVE_SECONDS, TimeBudget, evaluation_estimate, revised_estimate
+from hf_ibproj.budget import (
+    FINAL_EVAL_MARGIN,
+    FINAL_SAVE_SECONDS,
+    TimeBudget,
+    evaluation_estimate,
+    planned_warmup,
+    revised_estimate,
+)
 
 # the simulated loop steps the schedule without an optimizer step (no gradients here)
 pytestmark = pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before:UserWarning")
@@ -22,15 +29,16 @@ class FakeClock:
         return self.now
 
 
-def simulate(step_seconds, *, budget_s=600.0, startup_s=20.0, steps_per_epoch=500, final_s=30.0, monitor_s=4.0):
+def simulate(step_seconds, *, budget_s=600.0, startup_s=20.0, steps_per_epoch=500, final_s=30.0, monitor_s=4.0,
+             warmup=50):
     """A run as the loop drives its budget: start-up, steps at `step_seconds(elapsed)`, an epoch-end monitor (its
     time as estimated), a plan wherever one is due, then the final phase (as estimated). Returns (end time, the
-    learning-rate factor of every step, steps, warm-up steps)."""
+    learning-rate factor of every step, steps, the factor after the last step)."""
     clock = FakeClock()
     clock.now = startup_s
     budget = TimeBudget(budget_s, started_at=0.0, steps_per_epoch=steps_per_epoch, images_per_step=64,
                         estimate=(final_s, monitor_s), clock=clock)
-    step, total, warmup = 0, 1000 * steps_per_epoch, 50
+    step, total = 0, 1000 * steps_per_epoch
     optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
     schedule = get_cosine_schedule_with_warmup(optimizer, warmup, total)  # transformers' warm-up + cosine
     factors = []
@@ -42,7 +50,8 @@ def simulate(step_seconds, *, budget_s=600.0, startup_s=20.0, steps_per_epoch=50
         budget.step_done()
         if budget.plan_due(step):
             total = budget.plan(step)
-            schedule = get_cosine_schedule_with_warmup(optimizer, min(warmup, total), total, last_epoch=step - 1)
+            schedule = get_cosine_schedule_with_warmup(optimizer, planned_warmup(warmup, total), total,
+                                                       last_epoch=step - 1)
         if step % steps_per_epoch == 0:
             clock.now += monitor_s
             budget.monitor_done((final_s, monitor_s))
@@ -55,6 +64,14 @@ def test_a_run_ends_within_5_percent_of_its_budget_when_its_speed_changes_4x(fac
     end, _, steps, last_factor = simulate(lambda now: 0.1 * (factor if now >= at_s else 1.0))
     assert abs(end - 600.0) <= 0.05 * 600.0, (end, steps)
     assert last_factor == pytest.approx(0.0, abs=1e-12)  # the cosine schedule reached its end at the last step
+
+
+def test_a_short_budget_still_decays_its_learning_rate_to_the_end():
+    # 60 s at 0.1 s per step leave ~250 steps, fewer than the configured warm-up of 1,000: the plan halves it
+    end, factors, steps, last_factor = simulate(lambda now: 0.1, budget_s=60.0, startup_s=5.0, final_s=5.0,
+                                                warmup=1000)
+    assert abs(end - 60.0) <= 3.0 and steps < 1000
+    assert max(factors) == pytest.approx(1.0, abs=0.02) and factors[-1] < 0.01 and last_factor == 0.0
 
 
 def test_a_steady_run_fills_its_budget_and_its_schedule_is_smooth():
@@ -78,8 +95,12 @@ def test_a_resumed_run_spends_only_what_is_left_of_its_budget():
         budget.step_done()
     assert budget.plan_due(30)
     # 0.99 * 600 - 400 s before - 15 s of this process - 10 s final = 169 s left at 0.5 s per step
-    assert budget.plan(30) == 30 + int((0.99 * 600 - 400 - 15 - 10) / 0.5)
-    assert budget.state_dict() == {"seconds": 600, "used_s": 415.0}
+    total = budget.plan(30)
+    assert total == 30 + int((0.99 * 600 - 400 - 15 - 10) / 0.5)
+    state = budget.state_dict()  # what the next checkpoint keeps, and a run resumed from it starts with
+    assert state["seconds"] == 600 and state["used_s"] == 415.0 and state["plan"]["total_steps"] == total
+    assert TimeBudget(600, started_at=0.0, steps_per_epoch=10**6, images_per_step=64, estimate=(10.0, 0.0),
+                      used_s=state["used_s"], plan=state["plan"]).latest == state["plan"]
 
 
 def test_the_first_plan_waits_for_timed_steps_and_later_ones_come_every_few_steps():

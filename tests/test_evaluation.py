@@ -186,7 +186,10 @@ def test_extract_dataset_features_counts_replaced_undecodable_rows():
     assert features.shape == (6, 64) and labels.tolist() == list(range(6))
 
 
-def test_progress_bars_show_extraction_and_probe_fits(capsys):
+def test_progress_bars_show_extraction_and_probe_fits(capsys, monkeypatch):
+    from hf_ibproj import progress
+
+    monkeypatch.setattr(progress, "on_terminal", lambda: True)  # bars on a terminal (plain lines: test_progress.py)
     torch.manual_seed(0)
     backbone = timm.create_model("resnet18_small", num_classes=0, **TINY)
     evaluate_backbone(backbone, color_dataset(40), color_dataset(20, seed=1), (0.5,), (0.5,), knn_k=5)

@@ -12,7 +12,7 @@ from hf_ibproj import progress
 def test_off_a_terminal_a_phase_prints_a_line_every_interval_and_one_at_its_end(monkeypatch, capsys):
     now = [0.0]
     monkeypatch.setattr(progress.time, "monotonic", lambda: now[0])
-    monkeypatch.setattr(progress.sys, "stderr", io.StringIO())  # not a terminal
+    monkeypatch.setattr(progress, "on_terminal", lambda: False)
     bar = progress.progress_bar(total=10, desc="pretrain", unit="step")
     for _ in range(10):
         now[0] += 10.0  # a step of 10 s
@@ -31,7 +31,7 @@ def test_off_a_terminal_a_phase_prints_a_line_every_interval_and_one_at_its_end(
 
 
 def test_a_transient_or_disabled_phase_prints_nothing_and_a_terminal_gets_tqdm(monkeypatch, capsys):
-    monkeypatch.setattr(progress.sys, "stderr", io.StringIO())
+    monkeypatch.setattr(progress, "on_terminal", lambda: False)
     for item in progress.progress_bar(range(3), desc="features", leave=False):
         pass
     quiet = progress.progress_bar(total=3, desc="pretrain", disable=True)
@@ -40,11 +40,9 @@ def test_a_transient_or_disabled_phase_prints_nothing_and_a_terminal_gets_tqdm(m
     quiet.close()
     assert capsys.readouterr().out == ""
 
-    class Terminal(io.StringIO):
-        def isatty(self) -> bool:
-            return True
-
-    monkeypatch.setattr(progress.sys, "stderr", Terminal())
+    monkeypatch.setattr(progress.sys, "stderr", io.StringIO())
+    assert not progress.on_terminal()
+    monkeypatch.setattr(progress, "on_terminal", lambda: True)
     bar = progress.progress_bar(total=3, file=io.StringIO())
     assert isinstance(bar, tqdm)
     bar.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -194,6 +195,9 @@ def test_resume_refuses_flags_that_change_the_run(one_epoch_run, tmp_path):
         main(["--output-dir", str(out), "--resume", "--objective", "barlow_twins"])
     with pytest.raises(FileNotFoundError, match="config.yaml"):
         main(["--output-dir", str(tmp_path / "elsewhere"), "--resume"])
+    # from Python too: a config that is not the stored one is refused, whichever way it was built
+    with pytest.raises(ValueError, match=r"--lr \(0\.1 -> 0\.5\) would change"):
+        pretrain(dataclasses.replace(TrainConfig.from_run(out), lr=0.5), resume=True)
     assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     # the same value as stored, or a flag that changes nothing of the result, is accepted
     config, _ = parse_train_config(["--output-dir", str(out), "--resume", "--lr", "0.1",
