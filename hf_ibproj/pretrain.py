@@ -14,6 +14,7 @@ the same under `accelerate launch` and accelerate's `notebook_launcher`; `train.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -128,15 +129,24 @@ def pretrain(config: TrainConfig, *, resume: bool = False, started_at: float | N
     `started_at` (a `time.time()`) is when a time budget starts counting; default: now. Raises ValueError /
     OSError on bad input before anything is written, NonFiniteLossError when the loss diverges.
     """
-    run = start_run(config, resume, time.time() if started_at is None else started_at)
-    try:
-        train_loop(run)
-        run.accelerator.wait_for_everyone()
-    finally:
-        run.bar.close()
-        for tracker in run.accelerator.trackers:  # not end_training(): the process group stays for the next call
-            tracker.finish()
-    final_eval = finish_run(run) if run.accelerator.is_main_process else None
+    started_at = time.time() if started_at is None else started_at
+    state = process_state()
+    if config.push_to_hub:
+        check_push_access(config.push_to_hub)  # a bad repo id or no token fails now, not after hours of training
+    config = replace(config, mixed_precision=resolve_mixed_precision(config.mixed_precision, state.device))
+    folder = resolve_run_folder(config, resume)
+    if resume:  # as --resume: nothing that would change the stored run (TrainConfig.from_run gives its settings)
+        refuse_resume_changes(folder.read_config(), config.to_dict(), RESUMABLE_FIELDS, folder.path)
+    with folder.lock() if state.is_main_process else contextlib.nullcontext():  # one run writes to a folder
+        run = start_run(config, folder, resume, started_at)
+        try:
+            train_loop(run)
+            run.accelerator.wait_for_everyone()
+        finally:
+            run.bar.close()
+            for tracker in run.accelerator.trackers:  # not end_training(): the process group stays for the next call
+                tracker.finish()
+        final_eval = finish_run(run) if run.accelerator.is_main_process else None
     return PretrainResult(run.folder.path, run.unwrapped, final_eval)
 
 
@@ -359,17 +369,10 @@ def checkpoint_if_due(run: Run) -> None:
 # --------------------------------------------------------------------------------------------- start and end
 
 
-def start_run(config: TrainConfig, resume: bool, started_at: float) -> Run:
-    """Everything the loop needs: folder, accelerator, data, model, optimizer, resumed state, floor, budget."""
-    state = process_state()
-    if config.push_to_hub:
-        check_push_access(config.push_to_hub)  # a bad repo id or no token fails now, not after hours of training
-    folder = resolve_run_folder(config, resume)
-    config = replace(config, mixed_precision=resolve_mixed_precision(config.mixed_precision, state.device))
-    if resume:  # as --resume: nothing that would change the stored run (TrainConfig.from_run gives its settings)
-        refuse_resume_changes(folder.read_config(), config.to_dict(), RESUMABLE_FIELDS, folder.path)
+def start_run(config: TrainConfig, folder: RunFolder, resume: bool, started_at: float) -> Run:
+    """Everything the loop needs: accelerator, data, model, optimizer, resumed state, floor, budget."""
     accelerator = Accelerator(
-        cpu=state.device.type == "cpu", mixed_precision=config.mixed_precision,
+        cpu=process_state().device.type == "cpu", mixed_precision=config.mixed_precision,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         log_with=None if config.tracker == "none" else config.tracker,
         project_config=ProjectConfiguration(project_dir=str(folder.path), logging_dir=str(folder.logs_dir)),

@@ -10,18 +10,22 @@
     RUN/model/                    the final IBProjModel (save_pretrained)
     RUN/backbone/                 the exported backbone (timm / transformers Hub folder)
     RUN/logs/                     accelerate trackers (TensorBoard, ...)
+    RUN/.lock                     held by the process that writes the run (its PID)
 
 Fine-tuning output folders share the checkpoint layout (`save_checkpoint`, `latest_checkpoint`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import importlib.metadata
 import json
 import os
 import platform
 import re
 import shutil
+from collections.abc import Iterator
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -34,6 +38,10 @@ TRAINING_STATE = "training_state.json"  # a checkpoint's loop state (step, sched
 _CHECKPOINT_NAME = re.compile(rf"{re.escape(CHECKPOINT_PREFIX)}(\d+)")
 _PACKAGES = ("torch", "torchvision", "timm", "transformers", "datasets", "accelerate", "huggingface-hub",
              "safetensors", "kornia", "hf_ibproj")
+
+
+class RunFolderInUseError(FileExistsError):
+    """Another process holds the run folder's lock."""
 
 
 def _in_folder(name: str) -> property:
@@ -53,6 +61,7 @@ class RunFolder:
     BACKBONE = "backbone"
     LOGS = "logs"
     RECORDS = (CONFIG, INFO, METRICS, RANDOM_INIT_EVAL)  # what travels with a checkpoint pushed to the Hub
+    LOCK = ".lock"  # held by the process that writes the run; holds its PID
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -74,6 +83,24 @@ class RunFolder:
     @cached_property
     def metrics(self) -> MetricsLog:
         return MetricsLog(self.path / self.METRICS)
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the folder for one run: an OS lock on RUN/.lock, released when the block ends or the process dies
+        (a crash included); a second holder is refused at once with RunFolderInUseError naming the first's PID."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        with open(self.path / self.LOCK, "a+") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                raise RunFolderInUseError(
+                    f"{self.path} is in use by PID {handle.read().strip() or '?'} (another run writes to it); wait "
+                    "for it to end or choose another --output-dir.") from None
+            handle.truncate(0)
+            handle.write(f"{os.getpid()}\n")
+            handle.flush()
+            yield
 
     # checkpoints
     def checkpoints(self) -> list[Path]:

@@ -424,6 +424,15 @@ def test_bad_input_fails_before_training(tiny_dataset, tmp_path, extra, error, m
     assert not (tmp_path / "bad" / "checkpoints").exists()
 
 
+def test_a_run_folder_in_use_is_refused_before_anything_is_written(tiny_dataset, tmp_path):
+    from hf_ibproj.runs import RunFolder, RunFolderInUseError
+
+    with RunFolder(tmp_path / "run").lock():  # as another run would hold it
+        with pytest.raises(RunFolderInUseError, match=f"in use by PID {os.getpid()}"):
+            main(["--dataset", str(tiny_dataset), "--epochs", "1", "--output-dir", str(tmp_path / "run"), *TINY])
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".lock"]
+
+
 def test_existing_run_is_not_overwritten_without_resume(tiny_dataset, tmp_path):
     (tmp_path / "run" / "checkpoints" / "step_00000001").mkdir(parents=True)
     with pytest.raises(FileExistsError, match="--resume"):

@@ -1,0 +1,47 @@
+"""The run folder's lock: one writer at a time, released when its holder ends, even by a crash."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from hf_ibproj.runs import RunFolder, RunFolderInUseError
+
+
+def test_a_second_holder_is_refused_with_the_first_ones_pid(tmp_path):
+    folder = RunFolder(tmp_path / "run")
+    with folder.lock():
+        with pytest.raises(RunFolderInUseError, match=f"in use by PID {os.getpid()}.*--output-dir"):
+            with RunFolder(tmp_path / "run").lock():
+                pass
+    with folder.lock():  # released at the end of the block
+        pass
+
+
+def test_a_killed_holder_releases_the_lock(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", f"""
+import time
+from hf_ibproj.runs import RunFolder
+with RunFolder({str(tmp_path / "run")!r}).lock():
+    print("held", flush=True)
+    time.sleep(600)
+"""], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(RunFolderInUseError, match=f"PID {holder.pid}"):
+        with RunFolder(tmp_path / "run").lock():
+            pass
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    deadline = time.time() + 10
+    while True:  # the OS drops the lock with the process
+        try:
+            with RunFolder(tmp_path / "run").lock():
+                break
+        except RunFolderInUseError:
+            assert time.time() < deadline
+            time.sleep(0.05)
