@@ -138,6 +138,8 @@ def pretrain(config: TrainConfig, *, resume: bool = False, started_at: float | N
     if resume:  # as --resume: nothing that would change the stored run (TrainConfig.from_run gives its settings)
         refuse_resume_changes(folder.read_config(), config.to_dict(), RESUMABLE_FIELDS, folder.path)
     with folder.lock() if state.is_main_process else contextlib.nullcontext():  # one run writes to a folder
+        if config.overwrite_output_dir and state.is_main_process:
+            folder.clear()
         run = start_run(config, folder, resume, started_at)
         try:
             train_loop(run)
@@ -425,15 +427,23 @@ def start_run(config: TrainConfig, folder: RunFolder, resume: bool, started_at: 
 
 
 def resolve_run_folder(config: TrainConfig, resume: bool) -> RunFolder:
-    """The run folder, the same on every process; refuses to overwrite a run unless resuming it."""
+    """The run folder, the same on every process. A fresh run starts only in an absent or empty folder (or, with
+    `overwrite_output_dir`, one it may empty); a resumed one only where a checkpoint is. Nothing is written here."""
     name = config.output_dir or f"runs/{config.objective}-{datetime.now():%Y%m%d-%H%M%S}"
     folder = RunFolder(broadcast_object_list([name])[0])
     has_checkpoint = folder.latest_checkpoint() is not None
+    if resume and config.overwrite_output_dir:
+        raise ValueError("--resume continues the run in --output-dir; --overwrite-output-dir would delete it. Pass "
+                         "one of them.")
     if resume and not has_checkpoint:
         raise FileNotFoundError(f"--resume: {folder.path} has no checkpoint to resume from; check --output-dir.")
-    if not resume and has_checkpoint:
-        raise FileExistsError(f"{folder.path} already holds a run; pass --resume to continue it or choose another "
-                              "--output-dir.")
+    if not resume and not config.overwrite_output_dir and has_checkpoint:
+        raise FileExistsError(f"{folder.path} already holds a run; pass --resume to continue it, choose another "
+                              "--output-dir, or pass --overwrite-output-dir to delete it and start anew.")
+    if not resume and not config.overwrite_output_dir and folder.entries():
+        raise FileExistsError(f"{folder.path} is not empty ({', '.join(sorted(folder.entries())[:5])}) and holds no "
+                              "run to resume; choose another --output-dir, or pass --overwrite-output-dir to delete "
+                              "what is there and start anew.")
     if process_state().is_main_process:
         folder.path.mkdir(parents=True, exist_ok=True)
     return folder

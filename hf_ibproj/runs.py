@@ -102,6 +102,16 @@ class RunFolder:
             handle.flush()
             yield
 
+    def entries(self) -> list[str]:
+        """The names in the folder (none when it is absent), its lock file aside."""
+        return [p.name for p in self.path.iterdir() if p.name != self.LOCK] if self.path.is_dir() else []
+
+    def clear(self) -> None:
+        """Delete everything in the folder but its lock file (`--overwrite-output-dir`; hold the lock)."""
+        for name in self.entries():
+            path = self.path / name
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+
     # checkpoints
     def checkpoints(self) -> list[Path]:
         return checkpoint_dirs(self.path)

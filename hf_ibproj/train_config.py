@@ -146,6 +146,8 @@ class TrainConfig(ModelSettings):
     checkpoint_every: int = _arg(500, "checkpoint every N steps; one is also written at every epoch end")
     keep_checkpoints: int = _arg(2, "checkpoints kept (the newest)")
     output_dir: str | None = _arg(None, "the run folder (default: runs/OBJECTIVE-TIMESTAMP)")
+    overwrite_output_dir: bool = _arg(False, "start anew in a non-empty --output-dir, deleting what is in it (a "
+                                             "fresh run otherwise refuses such a folder)")
     final_eval: bool = _arg(True, "linear probe and kNN of the trained backbone at the end, and of the random-init "
                                   "one (on the kNN monitor's subsets) at the start")
     export_backbone: bool = _arg(True, "export the backbone as a timm / transformers Hub folder at the end")

@@ -433,6 +433,24 @@ def test_a_run_folder_in_use_is_refused_before_anything_is_written(tiny_dataset,
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".lock"]
 
 
+def test_a_fresh_run_refuses_a_folder_it_did_not_write_unless_told_to_empty_it(tiny_dataset, tmp_path):
+    out = tmp_path / "used"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n')  # a previous attempt's record
+    (out / "random_init_eval.json").write_text("{}")
+    args = ["--dataset", str(tiny_dataset), "--epochs", "1", "--output-dir", str(out), "--tracker", "none",
+            "--no-final-eval", "--no-export-backbone", *TINY]
+    with pytest.raises(FileExistsError, match=f"{out} is not empty .*metrics.jsonl.*--overwrite-output-dir"):
+        main(args)
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.jsonl", "random_init_eval.json"]  # untouched
+    with pytest.raises(ValueError, match="--overwrite-output-dir would delete it"):
+        pretrain(TrainConfig(output_dir=str(out), overwrite_output_dir=True), resume=True)
+    assert main([*args, "--overwrite-output-dir"]) == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["step"] == 2 and all(r.get("loss") != 9.0 for r in records)  # nothing of the old attempt
+    assert not (out / "random_init_eval.json").exists()  # --no-final-eval writes no floor: the old one is gone
+
+
 def test_existing_run_is_not_overwritten_without_resume(tiny_dataset, tmp_path):
     (tmp_path / "run" / "checkpoints" / "step_00000001").mkdir(parents=True)
     with pytest.raises(FileExistsError, match="--resume"):
