@@ -107,15 +107,19 @@ class Run:
     def evaluable(self) -> bool:
         return self.config.final_eval and self.train.num_classes > 0 and labels_of(self.held_out) is not None
 
+    @property
+    def final_train_rows(self) -> int | None:
+        """Training rows behind the final linear probe and kNN bank (None: all of them)."""
+        return self.config.final_eval_train_samples or (STREAMING_EVAL_TRAIN_SAMPLES if self.config.streaming
+                                                        else None)
+
     def since_start(self) -> float:
         return round(time.time() - self.started_at, 1)
 
     def estimate(self, monitor_seconds: float | None = None) -> tuple[float, float]:
         """(final phase, one kNN monitor) in seconds, from the floor and, once measured, the latest monitor."""
         held_out = len(self.held_out) if self.held_out is not None else 0
-        train_rows = self.config.final_eval_train_samples or (STREAMING_EVAL_TRAIN_SAMPLES if self.config.streaming
-                                                              else None)
-        final_rows = (min(train_rows or len(self.train), len(self.train)), held_out)
+        final_rows = (min(self.final_train_rows or len(self.train), len(self.train)), held_out)
         monitor_rows = (min(self.config.knn_train_samples, len(self.train)),
                         min(self.config.knn_eval_samples, held_out))
         if monitor_seconds is None:
@@ -440,8 +444,9 @@ def resolve_run_folder(config: TrainConfig, resume: bool) -> RunFolder:
     if not resume and not config.overwrite_output_dir and has_checkpoint:
         raise FileExistsError(f"{folder.path} already holds a run; pass --resume to continue it, choose another "
                               "--output-dir, or pass --overwrite-output-dir to delete it and start anew.")
-    if not resume and not config.overwrite_output_dir and folder.entries():
-        raise FileExistsError(f"{folder.path} is not empty ({', '.join(sorted(folder.entries())[:5])}) and holds no "
+    entries = sorted(folder.entries())
+    if not resume and not config.overwrite_output_dir and entries:
+        raise FileExistsError(f"{folder.path} is not empty ({', '.join(entries[:5])}) and holds no "
                               "run to resume; choose another --output-dir, or pass --overwrite-output-dir to delete "
                               "what is there and start anew.")
     if process_state().is_main_process:
@@ -546,8 +551,7 @@ def finish_run(run: Run) -> dict | None:
     plot_information_plane(folder.metrics.read(), folder.plot_file, title=f"{config.objective} on {config.dataset}")
     final = None
     if run.evaluable:
-        train_rows = config.final_eval_train_samples or (STREAMING_EVAL_TRAIN_SAMPLES if config.streaming else None)
-        trained = run.scorer.evaluate(model.backbone, "trained", train_rows, None)
+        trained = run.scorer.evaluate(model.backbone, "trained", run.final_train_rows, None)
         started = time.perf_counter()
         trained["label_free"] = run.scorer.label_free(model, run.diagnostic_images, run.augment, config.batch_size)
         trained["seconds"]["label_free"] = round(time.perf_counter() - started, 2)
