@@ -25,7 +25,8 @@ from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
 from .arguments import check_repo_id
 from .cards import REPO_ID_PLACEHOLDER, full_model_card
 from .export import export_backbone
-from .runs import CHECKPOINT_PREFIX, RunFolder, checkpoint_step
+from .checkpoints import CHECKPOINT_PREFIX, checkpoint_step
+from .runs import RunFolder
 from .sources import is_exported_folder, is_ibproj_folder, load_source
 
 logger = logging.getLogger(__name__)
@@ -172,7 +173,7 @@ def _stage_upload(source: Path, staging: Path, repo_id: str, full_model: bool) -
 def push_checkpoint(run_dir: str | Path, checkpoint_dir: str | Path, repo_id: str, *, private: bool = False) -> str:
     """Upload a run's checkpoint as the repo's last-checkpoint/, with the run's records, in one commit.
 
-    `checkpoint_dir` is an accelerate `save_state` folder RUN/checkpoints/step_N (runs.save_checkpoint); it
+    `checkpoint_dir` is a checkpoint folder RUN/checkpoints/step_N written by checkpoints.save_checkpoint; it
     replaces last-checkpoint/ entirely, the run's records (RunFolder.RECORDS) go to the top of the repo and
     last_checkpoint.json records the folder's name and step. Files are read in place, never modified. Returns the
     commit URL; any failure (bad input, no token, the Hub) raises PushError, so a training loop catches one type.
@@ -184,8 +185,8 @@ def push_checkpoint(run_dir: str | Path, checkpoint_dir: str | Path, repo_id: st
         files = sorted(p for p in checkpoint_dir.rglob("*") if p.is_file()) if checkpoint_dir.is_dir() else []
         if step is None or not files:
             raise FileNotFoundError(
-                f"{str(checkpoint_dir)!r} is not a checkpoint folder ({CHECKPOINT_PREFIX}N with the files of "
-                "accelerate's save_state); pass one that runs.save_checkpoint wrote."
+                f"{str(checkpoint_dir)!r} is not a checkpoint folder ({CHECKPOINT_PREFIX}N holding the files that "
+                "checkpoints.save_checkpoint writes); pass one from RUN/checkpoints."
             )
         operations = [
             CommitOperationAdd(f"{HUB_CHECKPOINT_FOLDER}/{p.relative_to(checkpoint_dir).as_posix()}", str(p))

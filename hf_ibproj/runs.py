@@ -1,4 +1,4 @@
-"""The run folder: the one place that knows its paths and records, and its atomic checkpoints.
+"""The run folder: the one place that knows its paths and records (its checkpoints: hf_ibproj.checkpoints).
 
     RUN/config.yaml               the resolved configuration (written once; `--resume` reads it)
     RUN/run_info.json             seed, versions, hardware, commands, the time budget, phases, wall time
@@ -6,13 +6,13 @@
     RUN/random_init_eval.json     the random-init floor (linear probe + kNN of the untrained backbone)
     RUN/final_eval.json           the trained backbone's evaluation beside the floor
     RUN/information_plane.png     the plot of the information-plane diagnostics
-    RUN/checkpoints/step_N/       accelerate state + config.json (a model folder) + training_state.json
+    RUN/checkpoints/step_N/       model weights + config.json (a model folder), optimizer and random states,
+                                  training_state.json: safetensors and JSON, never pickle
     RUN/model/                    the final IBProjModel (save_pretrained)
     RUN/backbone/                 the exported backbone (timm / transformers Hub folder)
     RUN/logs/                     accelerate trackers (TensorBoard, ...)
     RUN/.lock                     held by the process that writes the run (its PID)
 
-Fine-tuning output folders share the checkpoint layout (`save_checkpoint`, `latest_checkpoint`).
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ import importlib.metadata
 import json
 import os
 import platform
-import re
 import shutil
 from collections.abc import Iterator
 from functools import cached_property
@@ -32,10 +31,8 @@ from typing import Any
 
 import yaml
 
-CHECKPOINTS = "checkpoints"
-CHECKPOINT_PREFIX = "step_"
-TRAINING_STATE = "training_state.json"  # a checkpoint's loop state (step, schedule, time budget): JSON, not pickle
-_CHECKPOINT_NAME = re.compile(rf"{re.escape(CHECKPOINT_PREFIX)}(\d+)")
+from .checkpoints import CHECKPOINTS, checkpoint_dirs, checkpoint_path, latest_checkpoint
+
 _PACKAGES = ("torch", "torchvision", "timm", "transformers", "datasets", "accelerate", "huggingface-hub",
              "safetensors", "kornia", "hf_ibproj")
 
@@ -124,8 +121,19 @@ class RunFolder:
 
     # records
     def read_config(self) -> dict[str, Any]:
-        """config.yaml as a dict ({} when absent)."""
-        return read_yaml(self.config_file)
+        """config.yaml as a dict ({} when absent or empty); a ValueError naming the file when it does not parse or
+        is not a mapping."""
+        try:
+            values = read_yaml(self.config_file)
+        except (yaml.YAMLError, UnicodeDecodeError) as error:
+            mark, problem = getattr(error, "problem_mark", None), getattr(error, "problem", None)
+            where = f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark and problem else error
+            raise ValueError(f"{self.config_file} is not valid YAML ({' '.join(str(where).split())}); restore it "
+                             "(train.py writes it when a run starts).") from None
+        if not isinstance(values, dict):
+            raise ValueError(f"{self.config_file} holds a {type(values).__name__}, not a mapping of settings; "
+                             "restore it (train.py writes it when a run starts).")
+        return values
 
     def write_config(self, values: dict[str, Any]) -> None:
         write_yaml(self.config_file, values)
@@ -218,69 +226,3 @@ class MetricsLog:
         """Drop records logged after `step` (a resumed run logs those steps again)."""
         kept = [r for r in self.read() if r.get("step", 0) <= step]
         write_atomically(self.path, "".join(json.dumps(r) + "\n" for r in kept))
-
-
-def checkpoint_step(folder: Path) -> int | None:
-    """N of a folder named step_N; None for any other name."""
-    match = _CHECKPOINT_NAME.fullmatch(Path(folder).name)
-    return int(match.group(1)) if match else None
-
-
-def checkpoint_path(output_dir: Path, step: int) -> Path:
-    return Path(output_dir) / CHECKPOINTS / f"{CHECKPOINT_PREFIX}{step:08d}"
-
-
-def is_checkpoint_dir(folder: Path) -> bool:
-    """OUTPUT/checkpoints/step_N, written by `save_checkpoint`."""
-    folder = Path(folder)
-    return folder.parent.name == CHECKPOINTS and checkpoint_step(folder) is not None
-
-
-def checkpoint_dirs(output_dir: Path) -> list[Path]:
-    """Complete checkpoints of a run or fine-tuning folder, oldest first (an interrupted save's folder is hidden)."""
-    folder = Path(output_dir) / CHECKPOINTS
-    if not folder.is_dir():
-        return []
-    found = [p for p in folder.iterdir() if p.is_dir() and checkpoint_step(p) is not None]
-    return sorted(found, key=checkpoint_step)
-
-
-def latest_checkpoint(output_dir: Path) -> Path | None:
-    found = checkpoint_dirs(output_dir)
-    return found[-1] if found else None
-
-
-def read_training_state(checkpoint: Path) -> dict[str, Any]:
-    """The loop state `save_checkpoint(..., state=...)` stored beside accelerate's files ({} when absent)."""
-    return read_json(Path(checkpoint) / TRAINING_STATE)
-
-
-def save_checkpoint(accelerator: Any, output_dir: Path, step: int, keep: int, model_config: Any = None,
-                    state: dict[str, Any] | None = None) -> Path:
-    """`accelerator.save_state` into a temporary folder, renamed into place once complete; keeps the last `keep`.
-
-    With `model_config` (the model's PretrainedConfig) its config.json goes beside the model's model.safetensors,
-    so every checkpoint is also a model folder (`from_pretrained`, `hf-ibproj evaluate --model`, export). `state`
-    (the loop's step, schedule and time budget) is stored as JSON. Every process must call this (accelerate saves
-    per-process RNG states); only the main process renames.
-    """
-    final = checkpoint_path(output_dir, step)
-    temporary = final.with_name(f".tmp-{final.name}")
-    if accelerator.is_main_process:
-        shutil.rmtree(temporary, ignore_errors=True)
-        final.parent.mkdir(parents=True, exist_ok=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(temporary))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if model_config is not None:
-            model_config.save_pretrained(temporary)
-        if state is not None:
-            write_json(temporary / TRAINING_STATE, state)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(temporary, final)
-        for old in checkpoint_dirs(output_dir)[:-keep]:
-            shutil.rmtree(old)
-    accelerator.wait_for_everyone()
-    return final

@@ -37,7 +37,8 @@ from transformers import AutoConfig, AutoModel
 from .backbones import create_backbone
 from .configuration_ibproj import IBProjConfig
 from .modeling_ibproj import IBProjModel
-from .runs import RunFolder, is_checkpoint_dir
+from .checkpoints import MODEL_WEIGHTS, check_safetensors, is_checkpoint_dir, reading
+from .runs import RunFolder
 from .seeding import seeded
 
 TIMM_WRAPPER_PREFIX = "timm_model."  # weight-name prefix of transformers' TimmWrapper models (finetune.py's output)
@@ -182,7 +183,9 @@ def _folder_source(path: Path, random_init: bool, seed: int) -> Source:
             f"a checkpoint ({checkpoint}) or finish the run with `train.py --output-dir {path} --resume`."
         )
     if config.get("model_type") == IBProjConfig.model_type or "architecture" in config:
-        raise SourceError(f"folder {str(path)!r} has a config.json but no model.safetensors; copy the weights too.")
+        advice = "the checkpoint is damaged; pass another one" if is_checkpoint_dir(path) else "copy the weights too"
+        raise SourceError(f"folder {str(path)!r} has a config.json but no model.safetensors ({path / MODEL_WEIGHTS} "
+                          f"is missing); {advice}.")
     if config:
         raise SourceError(
             f"{path / 'config.json'} describes neither an IBProjModel (model_type 'ibproj') nor a timm model "
@@ -244,6 +247,8 @@ def _ibproj_source(weights: IBProjModel | Path | str, kind: str, random_init: bo
         with seeded(seed):
             backbone = create_backbone(config.backbone, **config.backbone_kwargs)
         return Source(backbone.eval(), ibproj_data_config(config), kind)
+    if isinstance(weights, Path):
+        check_safetensors(weights / MODEL_WEIGHTS)  # a damaged file is named, not a SafetensorError traceback
     model = weights if isinstance(weights, IBProjModel) else IBProjModel.from_pretrained(weights)
     model_dir = weights if isinstance(weights, Path) else None
     return Source(model.backbone, ibproj_data_config(model.config), kind, model=model.eval(), model_dir=model_dir)
@@ -265,7 +270,7 @@ def _timm_config_source(timm_name: str, where: str, weights: Path | None, random
 
 
 def _saved_by_transformers(weights: Path) -> bool:
-    with safe_open(weights, framework="pt") as handle:
+    with reading(weights), safe_open(weights, framework="pt") as handle:
         return all(key.startswith(TIMM_WRAPPER_PREFIX) for key in handle.keys())  # noqa: SIM118 (no __iter__)
 
 

@@ -24,7 +24,8 @@ from huggingface_hub import HfApi, ModelCard, constants
 from hf_ibproj import IBProjModel, export_backbone
 from hf_ibproj.cli import main as cli_main
 from hf_ibproj.hub import PushError, download_run_checkpoint, push_checkpoint, push_to_hub
-from hf_ibproj.runs import RunFolder, latest_checkpoint, save_checkpoint
+from hf_ibproj.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
+from hf_ibproj.runs import RunFolder
 from hub_server import FakeHub
 from test_export import features, make_model, make_run_folder, run_without_hf_ibproj, snapshot
 
@@ -237,7 +238,7 @@ def test_server_error_during_commit_is_clear_and_leaves_folders_unchanged(hub, t
 # Run checkpoints on the Hub
 # --------------------------------------------------------------------------------------------------------------
 class TinyRun:
-    """A run folder with real accelerate checkpoints (runs.save_checkpoint) of a tiny model and optimizer."""
+    """A run folder with real checkpoints (checkpoints.save_checkpoint) of a tiny model and optimizer."""
 
     def __init__(self, run_dir):
         self.dir = run_dir
@@ -295,12 +296,12 @@ def test_checkpoints_pushed_during_a_run_resume_on_another_machine(hub, tmp_path
     assert snapshot(restored) == snapshot(second)
     assert all((elsewhere / name).read_bytes() == (run.dir / name).read_bytes() for name in RunFolder.RECORDS)
     assert sorted(p.name for p in elsewhere.iterdir()) == ["checkpoints", *sorted(RunFolder.RECORDS)]  # nothing staged
-    # accelerate restores the training state from it: the model's weights at step 24.
+    # It restores the training state: the model's weights at step 24.
     trained = {k: v.clone() for k, v in run.model.state_dict().items()}
     with torch.no_grad():
         for parameter in run.model.parameters():
             parameter.zero_()
-    run.accelerator.load_state(str(restored))
+    assert load_checkpoint(run.accelerator, elsewhere)[0] == restored
     assert all(torch.equal(run.model.state_dict()[k], v) for k, v in trained.items())
 
     with pytest.raises(FileExistsError, match="already holds checkpoint step_00000024"):
