@@ -25,8 +25,7 @@ import yaml
 from transformers.hf_argparser import string_to_bool
 
 from .arguments import ArgumentParser, check_repo_id, flag_name, refuse_resume_changes
-from .augmentation import CROP_MIN_SCALE, check_blur_kernel_size, check_crop_min_scale
-from .configuration_ibproj import IBProjConfig
+from .augmentation import CROP_MIN_SCALE, check_blur_kernel_size, check_crop_min_scale, default_blur_kernel_size
 from .precision import MIXED_PRECISIONS, resolve_mixed_precision
 from .resources import CONFIG_DIR  # the presets, in the installed package or the source checkout
 from .runs import RunFolder
@@ -34,10 +33,16 @@ from .runs import RunFolder
 if TYPE_CHECKING:
     import torch
 
+    from .configuration_ibproj import IBProjConfig
+
 DEFAULT_PRESET = CONFIG_DIR / "fashion_mnist_cpu.yaml"
 # Settings `--resume` may change: they change what is logged or kept, never the trained weights.
 RESUMABLE_FIELDS = ("output_dir", "tracker", "num_workers", "log_every", "keep_checkpoints", "push_to_hub",
-                    "hub_strategy", "hub_private")
+                    "hub_strategy", "hub_private", "ddp_timeout")
+# What a run's config.yaml records beside its settings (derived from them and the machine; written by
+# hf_ibproj.pretraining.write_start_records, ignored on --resume).
+RECORDED_KEYS = ("num_processes", "global_batch_size", "scaled_lr", "steps_per_epoch", "total_steps", "image_mean",
+                 "image_std", "model")
 # How long a run trains: the first one set wins (max_steps, then epochs, then time_budget; the paper's 200 epochs
 # if none).
 LENGTH_FIELDS = ("max_steps", "epochs", "time_budget")
@@ -129,8 +134,14 @@ class TrainConfig(ModelSettings):
     momentum: float = _arg(0.9, "momentum (lars, sgd)")
     lars_eta: float = _arg(0.02, "LARS trust coefficient (with clipping)")
     warmup_epochs: float = _arg(10.0, "linear warm-up length in epochs, then cosine decay")
-    mixed_precision: str = _arg("auto", "auto (bf16 where the hardware computes it natively, else no), no, bf16, fp16")
+    mixed_precision: str = _arg("auto", "auto (bf16 where the hardware computes it natively, fp16 on an older CUDA GPU, "
+                                          "else no), no, bf16, fp16")
     channels_last: bool = _arg(True, "channels_last memory format")
+    sync_batchnorm: bool | None = _arg(None, "BatchNorm statistics over the global batch (SyncBatchNorm, SimCLR's "
+                                             "global BN; GPUs only); none: on when training on GPUs with more than "
+                                             "one process")
+    ddp_timeout: int = _arg(3600, "seconds a process waits for the others (e.g. while the main one prepares the "
+                                  "data or evaluates the floor) before the run stops")
     seed: int = _arg(0, "seed of the weights, the data order and the augmentations")
     # monitoring
     log_every: int = _arg(50, "log loss, learning rate and throughput every N steps")
@@ -165,6 +176,7 @@ class TrainConfig(ModelSettings):
         if self.augmentation is not None:
             _choice("augmentation", self.augmentation, ("simclr", "barlow_twins"))
         for name in ("batch_size", "gradient_accumulation_steps", "image_size", "log_every", "diagnostics_every",
+                     "ddp_timeout",
                      "keep_checkpoints", "checkpoint_every", "max_steps", "epochs"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -178,7 +190,22 @@ class TrainConfig(ModelSettings):
                 raise ValueError(f"{name}={value!r} is invalid; it must be > 0.")
         if self.push_to_hub is not None:
             check_repo_id(self.push_to_hub)
+        self._check_combinations()
         self.model_config()  # the model settings fail here, before any data is loaded
+
+    def _check_combinations(self) -> None:
+        """Settings valid alone that do not fit together, refused here rather than once data and model are built."""
+        in_chans = (self.backbone_kwargs or {}).get("in_chans", self.channels)
+        if in_chans != self.channels:
+            raise ValueError(f"--backbone-kwargs sets in_chans: {in_chans} but --channels is {self.channels} (images "
+                             "are converted to --channels, which also sets in_chans); drop in_chans from "
+                             f"--backbone-kwargs, or pass --channels {in_chans}.")
+        if self.augmentation_preset == "simclr" and self.blur_kernel_size is None:
+            smallest = default_blur_kernel_size(self.image_size) // 2 + 1  # reflect padding needs pad < side
+            if self.image_size < smallest:
+                raise ValueError(f"--image-size {self.image_size} is too small for the simclr augmentation: its "
+                                 f"Gaussian blur needs images of at least {smallest} px; pass --image-size {smallest} "
+                                 "or more, or --augmentation barlow_twins (which has no blur).")
 
     @classmethod
     def from_preset(cls, preset: str | Path = DEFAULT_PRESET, **overrides: Any) -> TrainConfig:
@@ -203,6 +230,8 @@ class TrainConfig(ModelSettings):
         return dataclasses.replace(stored, **requested)
 
     def model_config(self) -> IBProjConfig:
+        from .configuration_ibproj import IBProjConfig  # the model stack: not needed to parse flags
+
         kwargs = {name: getattr(self, name) for name in MODEL_FIELDS}
         kwargs["backbone_kwargs"] = {"in_chans": self.channels, **(self.backbone_kwargs or {})}
         return IBProjConfig(**kwargs)
@@ -285,29 +314,69 @@ def _parse_yaml_flag(name: str, text: str) -> Any:
 
 
 def read_preset(path: str | Path) -> dict[str, Any]:
-    """A YAML preset as a dict, rejecting keys that are not TrainConfig fields."""
+    """A YAML preset's settings. A preset needs no setting in particular: each one it omits takes TrainConfig's
+    default (the paper's; `{}` is the paper's run). It must parse as a mapping (an empty file does not) of known
+    settings whose values have their fields' types; otherwise one ValueError line names the file and the key."""
     path = Path(path)
     if not path.is_file():
         available = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
         raise FileNotFoundError(f"preset {str(path)!r} does not exist; the presets in configs/ are: {available}.")
-    values = yaml.safe_load(path.read_text()) or {}
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(
-            f"preset {str(path)!r} has unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(known))}."
-        )
-    return values
+    try:
+        values = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise ValueError(f"preset {str(path)!r} is not valid YAML ({_yaml_problem(error)}); fix it or pass another "
+                         "--config.") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"preset {str(path)!r} holds {'nothing' if values is None else type(values).__name__}, "
+                         "not a mapping of settings (`name: value` lines; `{}` for the defaults); fix it or pass "
+                         "another --config.")
+    return _known_settings(values, f"preset {str(path)!r}")
 
 
 def read_run_config(run_dir: str | Path) -> dict[str, Any]:
-    """The TrainConfig fields of a run's stored configuration (its resolved settings, RunFolder.config_file)."""
+    """The settings a run stored in its config.yaml (RunFolder.config_file), for `--resume`. The file must hold
+    every TrainConfig field (beside RECORDED_KEYS) with its field's type: a missing, unknown or malformed key is
+    refused with one ValueError line naming the file and the key, so a resumed run never gets a default in place
+    of a stored setting."""
     run = RunFolder(run_dir)
     if not run.config_file.is_file():
         raise FileNotFoundError(f"--resume: {run.config_file} does not exist, so the run's configuration is unknown; "
                                 "check --output-dir (it must be the folder of the run to continue).")
     stored = run.read_config()
-    return {f.name: stored[f.name] for f in dataclasses.fields(TrainConfig) if f.name in stored}
+    values = _known_settings(stored, str(run.config_file), RECORDED_KEYS)
+    missing = [field.name for field in dataclasses.fields(TrainConfig) if field.name not in stored]
+    if missing:
+        listed = ", ".join(missing[:5]) + (f", ... ({len(missing)} in all)" if len(missing) > 5 else "")
+        raise ValueError(f"{run.config_file} lacks the setting(s) {listed}: --resume continues a run with the "
+                         "settings it stored, never with defaults in their place; restore the file (train.py writes "
+                         "it when a run starts), or start a new run in another --output-dir.")
+    return values
+
+
+def _known_settings(values: dict[Any, Any], source: str, recorded: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The TrainConfig settings of `values` read from `source` (a preset or a run's config.yaml), as their fields'
+    types; a ValueError naming `source` and the key for a key that is neither a setting nor in `recorded`, or a
+    value a setting cannot take."""
+    known = [field.name for field in dataclasses.fields(TrainConfig)]
+    unknown = sorted(str(name) for name in set(values) - {*known, *recorded})
+    if unknown:
+        raise ValueError(f"{source} has unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(known))}.")
+    settings = {}
+    for name in known:
+        if name in values:
+            try:
+                settings[name] = _normalized(name, values[name])
+            except ValueError as error:
+                raise ValueError(f"{source}: {error}") from None
+    return settings
+
+
+def _yaml_problem(error: Exception) -> str:
+    """A YAML parse (or text decoding) error in one line, with its line and column when known."""
+    mark, problem = getattr(error, "problem_mark", None), getattr(error, "problem", None)
+    if mark is not None and problem:
+        return f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
+    return " ".join(str(error).split())
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -342,10 +411,13 @@ def explicit_flags(argv: list[str]) -> set[str]:
 
 
 def early_arguments(argv: list[str] | None = None) -> argparse.Namespace:
-    """The flags that decide where the settings come from: --config, --resume, --output-dir, --push-to-hub."""
+    """The flags that decide where the settings come from (--config, --resume, --output-dir, --push-to-hub), and
+    --ddp-timeout, which the process group gets before a run from the Hub is downloaded."""
     early = argparse.ArgumentParser(add_help=False)
     early.add_argument("--config", default=str(DEFAULT_PRESET))
     early.add_argument("--resume", action="store_true")
+    early.add_argument("--ddp-timeout", "--ddp_timeout", type=int, dest="ddp_timeout",
+                       default=TrainConfig.__dataclass_fields__["ddp_timeout"].default)
     for name in ("output_dir", "push_to_hub"):
         early.add_argument(flag_name(name), f"--{name}", dest=name)
     return early.parse_known_args(list(argv) if argv is not None else sys.argv[1:])[0]

@@ -187,7 +187,8 @@ def stored_run(tmp_path) -> tuple[Path, dict]:
     """A run folder whose stored configuration is not the preset's (as the pretraining loop writes it)."""
     run = tmp_path / "run"
     run.mkdir()
-    values = dict(PRESET, epochs=2, time_budget=None, lr=0.5, projector_hidden_dims=[32], objective="simclr",
+    values = dict(TrainConfig().to_dict(), **PRESET)  # every setting: a stored run lacks none
+    values.update(epochs=2, time_budget=None, lr=0.5, projector_hidden_dims=[32], objective="simclr",
                   output_dir=str(tmp_path / "where-it-ran"))
     (run / "config.yaml").write_text(yaml.safe_dump({**values, "global_batch_size": 64, "scaled_lr": 0.125}))
     return run, values
@@ -196,7 +197,7 @@ def stored_run(tmp_path) -> tuple[Path, dict]:
 def test_resume_refuses_what_would_change_the_run(stored_run):
     run, stored = stored_run
     assert RESUMABLE_FIELDS == ("output_dir", "tracker", "num_workers", "log_every", "keep_checkpoints",
-                                "push_to_hub", "hub_strategy", "hub_private")
+                                "push_to_hub", "hub_strategy", "hub_private", "ddp_timeout")
     with pytest.raises(ValueError, match=r"--lr \(0\.5 -> 0\.4\) would change it.*Flags allowed on resume: "
                                          r"--output-dir, --tracker"):
         TrainConfig.from_run(run, lr=0.4)
@@ -216,8 +217,11 @@ def test_resume_without_a_stored_config_names_the_folder(tmp_path):
         parse_train_config(["--output-dir", str(tmp_path / "new"), "--resume"])
     with pytest.raises(FileNotFoundError, match="config.yaml does not exist"):
         TrainConfig.from_run(tmp_path)
-    RunFolder(tmp_path).write_config({"lr": 0.2})  # written by the run folder: read back by from_run
+    RunFolder(tmp_path).write_config({**TrainConfig().to_dict(), "lr": 0.2})  # written by the run folder
     assert TrainConfig.from_run(tmp_path).lr == 0.2
+    RunFolder(tmp_path).write_config({"lr": 0.2})  # the other settings missing: refused, never defaulted
+    with pytest.raises(ValueError, match="config.yaml lacks the setting"):
+        TrainConfig.from_run(tmp_path)
 
 
 # 4. The Python API: from_preset and from_run, the command line built on them.
