@@ -18,11 +18,12 @@ from . import modeling_small_resnet as small_resnet
 from .backbones import SMALL_RESNETS
 from .configuration_ibproj import IBProjConfig
 from .resources import TEMPLATE_DIR
-from .runs import RunFolder
+from .checkpoints import TRAINING_STATE, checkpoint_step
+from .runs import RunFolder, read_json
 from .sources import Source, ibproj_data_config
 
 if TYPE_CHECKING:
-    from .finetune import FinetuneArguments
+    from .finetune_cli import FinetuneArguments
 
 BACKBONE_TEMPLATE = "backbone.md"
 FULL_MODEL_TEMPLATE = "full_model.md"
@@ -97,14 +98,15 @@ def _summary_rows(source: Source, bottleneck: str) -> list[tuple[str, str]]:
         ("Input", f"{config.backbone_kwargs.get('in_chans', 3)} x {config.image_size} x {config.image_size}"),
     ]
     train, info = source.train_config, source.run_info
+    checkpoint = source.kind == "checkpoint"  # the run's length and wall time are not the checkpoint's
     for label, value in (
         ("Dataset", _dataset(source)),
-        ("Training length", _training_length(train, info)),
+        ("Training length", _checkpoint_length(source) if checkpoint else _training_length(train, info)),
         ("Batch size", train.get("batch_size")),
         ("Learning rate", train.get("lr")),
         ("Optimizer", train.get("optimizer")),
         ("Hardware", info.get("hardware")),
-        ("Wall time", f"{info['wall_time_s'] / 60:.1f} min" if "wall_time_s" in info else None),
+        ("Wall time", None if checkpoint or "wall_time_s" not in info else f"{info['wall_time_s'] / 60:.1f} min"),
     ):
         if value is not None:
             if isinstance(value, dict):
@@ -123,6 +125,18 @@ def _training_length(train: dict[str, Any], info: dict[str, Any]) -> str | None:
     if steps:
         return f"{steps} steps" + (f" ({epochs} epochs)" if epochs else "")
     return f"{epochs} epochs" if epochs else None
+
+
+def _checkpoint_length(source: Source) -> str:
+    """A training checkpoint's own length: its step (and epochs), of the steps its run had planned by then."""
+    step = checkpoint_step(source.model_dir)
+    per_epoch = source.train_config.get("steps_per_epoch")
+    length = f"{step} steps" + (f" ({round(step / per_epoch, 2):g} epochs)" if per_epoch else "")
+    try:
+        progress = read_json(source.model_dir / TRAINING_STATE).get("progress") or {}
+    except (OSError, ValueError):  # a damaged training_state.json costs the card the planned total only
+        progress = {}
+    return length + (f" of {progress['total_steps']} planned" if progress.get("planned") else "")
 
 
 def _eval_results(source: Source) -> tuple[list[EvalResult], list[tuple[str, str, str, str]]]:

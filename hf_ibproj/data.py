@@ -16,10 +16,14 @@ from __future__ import annotations
 import functools
 import gzip
 import io
+import json
 import logging
 import math
+import os
 import re
-from dataclasses import dataclass
+import tempfile
+import weakref
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +60,7 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 # timm's names for PIL's resampling filters (pretrained_cfg["interpolation"]).
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
+SKIPS_NAMED_IN_WARNING = 5  # load_image_data's warning names these; ImageData.skipped_files names every one
 
 
 @dataclass
@@ -65,10 +70,15 @@ class ImageData:
     images: torch.Tensor  # uint8 (N, C, H, W)
     labels: torch.Tensor | None  # int64 (N,)
     class_names: list[str] | None
-    skipped: int = 0  # rows whose image could not be decoded
+    skipped_files: list[dict] = field(default_factory=list)  # one `skip_record` per row left out
 
     def __len__(self) -> int:
         return self.images.shape[0]
+
+    @property
+    def skipped(self) -> int:
+        """Rows left out because their image could not be decoded or was oversized."""
+        return len(self.skipped_files)
 
     @property
     def num_classes(self) -> int:
@@ -319,6 +329,46 @@ class CorruptImageError(ValueError):
     """A row's image bytes could not be decoded."""
 
 
+class OversizedImageError(CorruptImageError):
+    """A row's image is over PIL's decompression-bomb limit (twice `PIL.Image.MAX_IMAGE_PIXELS`): intact, refused."""
+
+
+def _file_of(value: Any) -> str | None:
+    """The file an image cell came from (None for embedded bytes without a name or pixel arrays)."""
+    return value.get("path") if isinstance(value, dict) else None
+
+
+def skip_record(row: int, value: Any, error: CorruptImageError) -> dict:
+    """How a skipped row is named in a run's records: its row, its file, whether corrupt or oversized, the error."""
+    reason = "oversized" if isinstance(error, OversizedImageError) else "corrupt"
+    return {"row": row, "file": _file_of(value), "reason": reason, "error": str(error)}
+
+
+class SkipLog:
+    """The rows a per-sample dataset skipped, collected across the DataLoader worker processes that decode it: each
+    appends a JSON line to one temporary file, removed when the process that made the log drops it."""
+
+    def __init__(self) -> None:
+        handle, name = tempfile.mkstemp(prefix="hf_ibproj-skipped-", suffix=".jsonl")
+        os.close(handle)
+        self.path = Path(name)
+        weakref.finalize(self, _remove_own_file, self.path, os.getpid())
+
+    def add(self, record: dict) -> None:
+        with self.path.open("a") as handle:  # one short append: whole lines even with several writers
+            handle.write(json.dumps(record) + "\n")
+
+    def records(self) -> list[dict]:
+        """One record per skipped row (a row drawn again is not repeated), in row order."""
+        lines = self.path.read_text().splitlines() if self.path.is_file() else []
+        return sorted({r["row"]: r for r in map(json.loads, lines)}.values(), key=lambda r: r["row"])
+
+
+def _remove_own_file(path: Path, owner: int) -> None:
+    if os.getpid() == owner:  # a forked worker holding a copy of the log leaves the file alone
+        path.unlink(missing_ok=True)
+
+
 def _open_cell(value: Any) -> Image.Image:
     """One cell of an image column: {"bytes", "path"} (Image feature, decode=False), a PIL image or a pixel array."""
     if isinstance(value, Image.Image):
@@ -384,7 +434,8 @@ def decode_image(
 
     Fitting is timm's eval transform: resize the shorter side to floor(image_size / crop_pct) with
     `interpolation` (larger and smaller images alike), center-crop image_size x image_size; without
-    image_size the image keeps its size. Raises CorruptImageError when the bytes cannot be decoded.
+    image_size the image keeps its size. Raises CorruptImageError when the bytes cannot be decoded, and its subclass
+    OversizedImageError for an image over PIL's decompression-bomb limit.
     """
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels}")
@@ -393,9 +444,14 @@ def decode_image(
         image = _open_cell(value)
         image.load()  # PIL decodes lazily: a truncated file fails here, not later in resize or asarray
         image = _convert_mode(image, channels)
-    except (OSError, SyntaxError, Image.DecompressionBombError) as error:  # PIL's errors for broken files
-        where = value.get("path") if isinstance(value, dict) else None
-        raise CorruptImageError(f"cannot decode image ({where or 'embedded bytes'}): {error}") from error
+    except Image.DecompressionBombError as error:
+        raise OversizedImageError(
+            f"oversized image ({_file_of(value) or 'embedded bytes'}): {error} That limit is twice "
+            f"PIL.Image.MAX_IMAGE_PIXELS (now {Image.MAX_IMAGE_PIXELS}); for files you trust, raise it in Python "
+            "before loading (PIL.Image.MAX_IMAGE_PIXELS = None lifts it), or downscale the file"
+        ) from error
+    except (OSError, SyntaxError) as error:  # PIL's errors for broken files
+        raise CorruptImageError(f"cannot decode image ({_file_of(value) or 'embedded bytes'}): {error}") from error
     if image_size is not None:
         image = _fit_size(image, image_size, interpolation, crop_pct)
     pixels = np.asarray(image, dtype=np.uint8)
@@ -445,7 +501,7 @@ def load_image_data(
     resize + center crop (`decode_image`: `interpolation`, `crop_pct`) to image_size x image_size.
     `max_samples` keeps a seeded, class-stratified random subset (`stratified_indices` with `seed`), chosen
     from the label column before decoding, so only those images are decoded. Rows whose image cannot be
-    decoded are skipped and counted in `ImageData.skipped`.
+    decoded (corrupt or oversized) are skipped, each named in `ImageData.skipped_files` and in one warning.
     """
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels}")
@@ -464,12 +520,12 @@ def load_image_data(
         rows = stratified_indices(labels, max_samples, seed, num_rows=len(ds))
         ds = ds.select(rows.tolist())
         labels = None if labels is None else labels[rows]
-    images, kept = [], []
+    images, kept, skipped = [], [], []
     for position, value in enumerate(ds[image_column]):
         try:
             pixels = decode_image(value, channels, image_size, interpolation, crop_pct)
         except CorruptImageError as error:
-            logger.debug("skipping row %d of %s: %s", int(rows[position]), source, error)
+            skipped.append(skip_record(int(rows[position]), value, error))
             continue
         if images and pixels.shape != images[0].shape:
             raise ValueError(
@@ -479,11 +535,11 @@ def load_image_data(
             )
         images.append(pixels)
         kept.append(position)
-    skipped = len(ds) - len(kept)
     if skipped:
-        logger.warning(
-            "skipped %d of %d rows of %r (split %r) whose image could not be decoded", skipped, len(ds), source, split
-        )
+        named = "; ".join(r["error"] for r in skipped[:SKIPS_NAMED_IN_WARNING])
+        more = len(skipped) - SKIPS_NAMED_IN_WARNING
+        logger.warning("skipped %d of %d rows of %r (split %r), corrupt or oversized: %s%s", len(skipped), len(ds),
+                       source, split, named, f"; and {more} more" if more > 0 else "")
     if not images:
         raise ValueError(f"no image of split {split!r} of {source!r} could be decoded: check the files")
     if labels is not None:
@@ -502,9 +558,9 @@ class StreamingImageDataset(torch.utils.data.Dataset):
     (otherwise `decode_image`'s resize + center crop, `interpolation` and `crop_pct`). A row whose image cannot
     be decoded is replaced by the next decodable row (with a warning), so one bad file does not stop a long run,
     and its item says so with skipped=1 (0 otherwise): DataLoader workers are separate processes, so the count
-    travels in the batch; summing the batches' third tensor counts the undecodable rows drawn. Batches then go
-    through `TwoViewAugmentation` on the training device. `labels` reads the label column alone, for
-    `stratified_indices`.
+    travels in the batch; summing the batches' third tensor counts the undecodable rows drawn, and `skipped_files`
+    names each such row once (from every worker, through a `SkipLog`). Batches then go through
+    `TwoViewAugmentation` on the training device. `labels` reads the label column alone, for `stratified_indices`.
     """
 
     def __init__(
@@ -523,6 +579,7 @@ class StreamingImageDataset(torch.utils.data.Dataset):
         self.dataset, self.image_column, self.label_column = dataset, image_column, label_column
         self.channels, self.image_size, self.class_names = channels, image_size, class_names
         self.interpolation, self.crop_pct = interpolation, crop_pct
+        self.skip_log = SkipLog()
 
     @classmethod
     def from_source(
@@ -556,15 +613,22 @@ class StreamingImageDataset(torch.utils.data.Dataset):
     def num_classes(self) -> int:
         return count_classes(self.labels, self.class_names)
 
+    @property
+    def skipped_files(self) -> list[dict]:
+        """One `skip_record` per row skipped so far, in any process that decoded this dataset."""
+        return self.skip_log.records()
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
         for offset in range(len(self)):
-            row = self.dataset[(index + offset) % len(self)]
+            position = (index + offset) % len(self)
+            row = self.dataset[position]
             try:
                 pixels = decode_image(
                     row[self.image_column], self.channels, self.image_size, self.interpolation, self.crop_pct
                 )
             except CorruptImageError as error:
-                logger.warning("row %d: %s; using the next row instead", (index + offset) % len(self), error)
+                logger.warning("row %d: %s; using the next row instead", position, error)
+                self.skip_log.add(skip_record(position, row[self.image_column], error))
                 continue
             label = NO_LABEL if self.label_column is None else int(row[self.label_column])
             return torch.from_numpy(pixels), label, int(offset > 0)

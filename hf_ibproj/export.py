@@ -9,6 +9,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -44,6 +46,8 @@ def export_backbone(model_or_dir: IBProjModel | str | Path, out_dir: str | Path)
     model.safetensors (bare timm keys), README.md (the model card), from a run folder the information-plane plot,
     and for the small-image ResNets the code transformers runs with `trust_remote_code=True`.
     `out_dir` must be absent, empty or a previous export; it is replaced only once the new folder is complete.
+    The folder is built in a hidden staging folder beside it; one left by an export that was killed is removed
+    here. The export's folder and files get the permissions of the user's umask, as a plain mkdir / open would.
     """
     source = load_source(model_or_dir)
     out_dir = Path(out_dir)
@@ -53,12 +57,14 @@ def export_backbone(model_or_dir: IBProjModel | str | Path, out_dir: str | Path)
             "choose a new path so nothing of yours is overwritten."
         )
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    _remove_stale_staging(out_dir)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.staging-{os.getpid()}-", dir=out_dir.parent))
     try:
         write_backbone_files(source.model, staging)
         if source.plot:
             shutil.copy2(source.plot, staging / RunFolder.PLOT)
         backbone_card(source).save(staging / "README.md")
+        _apply_umask(staging)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         staging.rename(out_dir)
@@ -66,6 +72,33 @@ def export_backbone(model_or_dir: IBProjModel | str | Path, out_dir: str | Path)
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out_dir
+
+
+def _remove_stale_staging(out_dir: Path) -> None:
+    """Delete the staging folders of earlier exports into `out_dir` whose process is gone (killed mid-export)."""
+    staging_name = re.compile(rf"\.{re.escape(out_dir.name)}\.staging-(\d+)-[a-z0-9_]+")
+    for folder in out_dir.parent.iterdir():
+        match = staging_name.fullmatch(folder.name)
+        if match and folder.is_dir() and not _process_alive(int(match.group(1))):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        pass
+    return True
+
+
+def _apply_umask(folder: Path) -> None:
+    """Give `folder` and all it holds the permissions of the user's umask (mkdtemp makes 0700, some writers 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in (folder, *folder.rglob("*")):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def write_backbone_files(model: IBProjModel, directory: Path) -> None:
