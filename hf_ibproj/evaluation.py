@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from .augmentation import to_model_input
 from .data import ImageData
-from .precision import resolve_mixed_precision
+from .precision import AUTOCAST_DTYPES, resolve_mixed_precision
 from .progress import progress_bar
 
 WEIGHT_DECAY_GRID = (1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
@@ -57,8 +57,8 @@ def extract_features(
 
     Images are scaled to [0, 1] and normalized with `mean` / `std` per channel. `precision="bf16"` runs the
     backbone under bf16 autocast, `"no"` in float32, `"auto"` in bf16 where the hardware computes it natively
-    (CUDA with bf16, CPUs with AVX512-BF16 or AMX) and float32 elsewhere (a CPU without bf16 units emulates it,
-    slower than float32: benchmarks/RESULTS.md). The backbone is moved to
+    (CUDA capability 8.0+, CPUs with AVX512-BF16 or AMX), fp16 on older CUDA GPUs and float32 on other CPUs (which
+    emulate bf16, slower than float32: benchmarks/RESULTS.md). The backbone is moved to
     `device` (default: where its parameters are) in channels_last memory format and run in eval mode; its
     train/eval mode is restored afterwards. `progress` shows a progress bar (hf_ibproj.progress).
     """
@@ -125,12 +125,13 @@ def _features(
         raise ValueError(f"mean and std have {len(mean)} and {len(std)} values; give one per channel to both.")
     device = torch.device(device) if device is not None else next(backbone.parameters()).device
     backbone.to(device=device, memory_format=torch.channels_last)
-    use_bf16 = resolve_mixed_precision(precision, device) == "bf16"
+    autocast_dtype = AUTOCAST_DTYPES.get(resolve_mixed_precision(precision, device))
     was_training = backbone.training
     backbone.eval()
     features = []
     try:
-        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+        with torch.inference_mode(), torch.autocast(device.type, dtype=autocast_dtype,
+                                                    enabled=autocast_dtype is not None):
             for batch in progress_bar(batches, total=num_batches, desc="features", unit="batch",
                                       disable=not progress, leave=False):
                 if batch.shape[1] != len(mean):

@@ -3,7 +3,10 @@
 Written by hand because the distributed gradients are the point: NT-Xent gathers negatives from every
 process WITH gradient, Barlow Twins reduces its batch statistics and cross-correlation WITH gradient
 (a plain all_reduce gets the gradient wrong by the world size, the bug lightly fixed). Every process
-returns a loss whose parameter gradients, averaged by DDP, equal those of one process on the global batch.
+returns a loss whose gradients with respect to its embeddings, averaged by DDP, equal those of one process on the
+global batch. The whole training step equals the single-process one only when the network's BatchNorm layers see
+the global batch too: SyncBatchNorm (`--sync-batchnorm`, on by default for multi-GPU runs) or BatchNorm in eval
+mode; with per-process BatchNorm in train mode each process normalizes with its own batch's statistics.
 Inputs are views stacked as (views, batch, dim); the math runs in float32 under any autocast.
 """
 
