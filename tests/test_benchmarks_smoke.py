@@ -170,6 +170,52 @@ def test_train_throughput_smoke():
     assert re.search(r"model-only step\s+[\d.]+ img/s", output)
 
 
+def test_gpu_check_smoke(tmp_path):
+    """The GPU check at tiny sizes on the CPU: both synthetic datasets, the CIFAR-10 preset in two precisions and the
+    ImageNet-100 preset streaming JPEGs, each with its model-step and data-wait timings, in the table and the JSON;
+    data already in the folder is reused."""
+    import importlib
+
+    import datasets
+    from PIL import Image
+
+    out = tmp_path / "gpu_check"
+    output = run_smoke("gpu_check.py", "--out", str(out))
+    report = json.loads((out / "gpu_check.json").read_text())
+    assert report["machine"]["torch"] and report["machine"]["cpu_cores"] >= 1
+    rows = {row["name"]: row for row in report["runs"]}
+    assert list(rows) == ["cifar10-no", "cifar10-bf16", "imagenet100"]
+    for name, row in rows.items():
+        records = [json.loads(line) for line in (out / "runs" / name / "metrics.jsonl").read_text().splitlines()]
+        assert records[-1]["step"] == row["steps"] == 3  # each run trained, logging every step
+        assert row["full_step_img_per_s"] > 0 and row["model_step_img_per_s"] > 0 and 0 <= row["data_wait_share"] < 1
+        assert (row["loader_img_per_s"] is not None) == row["streaming"] == (name == "imagenet100")
+        assert re.search(rf"^ *{name} +{row['precision']} +{row['batch_size']} +{row['image_size']} ", output, re.M)
+    assert rows["imagenet100"]["loader_img_per_s"] > 0
+    assert re.search(r"^imagenet100: DataLoader alone [\d,]+ img/s vs model step [\d,]+ img/s: the loader", output,
+                     re.M)
+
+    # the data: CIFAR-10's shape, and non-square JPEGs of varied sizes in class folders
+    (cifar,) = (out / "data").glob("cifar10-*")
+    train = datasets.load_from_disk(str(cifar))["train"]
+    assert train.features["label"].num_classes == 10 and len(train) == 256
+    assert train[0]["img"].size == (32, 32) and train[0]["img"].mode == "RGB"
+    (folder,) = (out / "data").glob("imagenet100-*")
+    jpegs = sorted(folder.glob("train/*/*.jpg"))
+    sizes = {Image.open(path).size for path in jpegs}
+    assert len(jpegs) == 120 and len({path.parent for path in jpegs}) == 10
+    assert len(sizes) > 20 and all(30 <= side <= 50 for size in sizes for side in size)
+
+    # a later invocation reuses the data as it is
+    sys.path.insert(0, str(BENCHMARKS))
+    gpu_check = importlib.import_module("gpu_check")
+    stamps = {path: path.stat().st_mtime_ns for path in (out / "data").rglob("*")}
+    smoke = gpu_check.SMOKE
+    assert gpu_check.cifar_like(out / "data", smoke.cifar_images) == cifar
+    assert gpu_check.imagenet_like(out / "data", smoke.folder_classes, smoke.folder_per_class,
+                                   smoke.folder_sides) == folder
+    assert {path: path.stat().st_mtime_ns for path in (out / "data").rglob("*")} == stamps
+
 def test_information_speed_smoke():
     output = run_smoke("information_speed.py")
     assert "matrix_mutual_information" in output
