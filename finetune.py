@@ -7,7 +7,7 @@
 
 import sys
 
-from hf_ibproj.finetune import main
+from hf_ibproj.finetune_cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

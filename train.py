@@ -6,7 +6,7 @@
     python train.py --output-dir runs/x --resume      # continue runs/x from its latest checkpoint, as configured
     python train.py --help                            # every flag, with the preset's value
 
-The command line of `hf_ibproj.pretrain` (from Python: `pretrain(TrainConfig.from_preset(...))`).
+The command line of `hf_ibproj.pretrain_cli` (from Python: `pretrain(TrainConfig.from_preset(...))`).
 """
 
 import time
@@ -15,7 +15,7 @@ PROCESS_START = time.time()  # a time budget counts from here, before the heavy 
 
 import sys  # noqa: E402
 
-from hf_ibproj.pretrain import main  # noqa: E402
+from hf_ibproj.pretrain_cli import main  # noqa: E402
 
 if __name__ == "__main__":
     try:

@@ -65,8 +65,9 @@ from hf_ibproj.augmentation import TwoViewAugmentation  # noqa: E402
 from hf_ibproj.data import ImageData, load_image_data, stratified_indices  # noqa: E402
 from hf_ibproj.diagnostics import label_free_diagnostics  # noqa: E402
 from hf_ibproj.evaluation import evaluate_backbone  # noqa: E402
-from hf_ibproj.pretrain import NonFiniteLossError, pretrain  # noqa: E402
-from hf_ibproj.runs import RunFolder, latest_checkpoint, write_json  # noqa: E402
+from hf_ibproj.pretraining import NonFiniteLossError, pretrain  # noqa: E402
+from hf_ibproj.checkpoints import latest_checkpoint  # noqa: E402
+from hf_ibproj.runs import RunFolder, write_json  # noqa: E402
 from hf_ibproj.train_config import parse_train_config  # noqa: E402
 
 # Every run: train.py flags on top of configs/fashion_mnist_cpu.yaml. Width-8 small-stem ResNet-18 (64-d

@@ -29,7 +29,7 @@ import torch
 
 from hf_ibproj import IBProjModel  # noqa: E402
 from hf_ibproj.data import load_image_data  # noqa: E402
-from hf_ibproj.pretrain import pretrain  # noqa: E402
+from hf_ibproj.pretraining import pretrain  # noqa: E402
 from hf_ibproj.runs import RunFolder  # noqa: E402
 from hf_ibproj.train_config import DEFAULT_PRESET, TrainConfig, parse_train_config  # noqa: E402
 from lightly_recipe import (  # noqa: E402

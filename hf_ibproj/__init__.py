@@ -1,50 +1,58 @@
 """hf_ibproj: "Projection Head is Secretly an Information Bottleneck" (ICLR 2025) for the Hugging Face ecosystem.
 
-Importing the package registers the small-image ResNets with timm and `IBProjConfig` / `IBProjModel`
-with transformers' AutoConfig / AutoModel.
+Importing the package is cheap: each public name is imported from its module on first use (the module
+`__getattr__` of PEP 562, as transformers' `_LazyModule` does), so `hf-ibproj --help` and `train.py --help` do not
+load datasets or the model stack. Importing a model class registers what it needs: `IBProjConfig` / `IBProjModel`
+with transformers' AutoConfig / AutoModel, the small-image ResNets (`SmallResNetModel`, ...) with timm and the Auto
+classes.
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
+from __future__ import annotations
 
-from . import backbones  # noqa: F401  (registers resnet18_small, resnet34_small, resnet50_small with timm)
-from .configuration_ibproj import IBProjConfig
-from .export import export_backbone
-from .hub import push_to_hub
-from .information import matrix_joint_entropy, matrix_mutual_information, matrix_renyi_entropy
-from .modeling_ibproj import IBProjModel, IBProjModelOutput
-from .modeling_small_resnet import SmallResNetConfig, SmallResNetForImageClassification, SmallResNetModel
-from .objectives import BarlowTwinsLoss, NTXentLoss, barlow_twins_loss, nt_xent_loss
-from .pretrain import PretrainResult, pretrain
-from .runs import RunFolder
-from .sources import Source, resolve_source
-from .train_config import TrainConfig
-
-AutoConfig.register(IBProjConfig.model_type, IBProjConfig, exist_ok=True)
-AutoModel.register(IBProjConfig, IBProjModel, exist_ok=True)
-# Exported small-image ResNets load without trust_remote_code once hf_ibproj is imported (their code is this package's).
-AutoConfig.register(SmallResNetConfig.model_type, SmallResNetConfig, exist_ok=True)
-AutoModel.register(SmallResNetConfig, SmallResNetModel, exist_ok=True)
-AutoModelForImageClassification.register(SmallResNetConfig, SmallResNetForImageClassification, exist_ok=True)
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "BarlowTwinsLoss",
-    "IBProjConfig",
-    "IBProjModel",
-    "IBProjModelOutput",
-    "NTXentLoss",
-    "PretrainResult",
-    "RunFolder",
-    "Source",
-    "TrainConfig",
-    "barlow_twins_loss",
-    "export_backbone",
-    "matrix_joint_entropy",
-    "matrix_mutual_information",
-    "matrix_renyi_entropy",
-    "nt_xent_loss",
-    "pretrain",
-    "push_to_hub",
-    "resolve_source",
-]
+# public name -> the module that defines it
+_EXPORTS = {
+    "configuration_ibproj": ["IBProjConfig"],
+    "export": ["export_backbone"],
+    "hub": ["push_to_hub"],
+    "information": ["matrix_joint_entropy", "matrix_mutual_information", "matrix_renyi_entropy"],
+    "modeling_ibproj": ["IBProjModel", "IBProjModelOutput"],
+    "modeling_small_resnet": ["SmallResNetConfig", "SmallResNetForImageClassification", "SmallResNetModel"],
+    "objectives": ["BarlowTwinsLoss", "NTXentLoss", "barlow_twins_loss", "nt_xent_loss"],
+    "pretraining": ["PretrainResult", "pretrain"],
+    "runs": ["RunFolder"],
+    "sources": ["Source", "resolve_source"],
+    "train_config": ["TrainConfig"],
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_MODULE_OF[name]}", __name__), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:  # what static tools and IDEs see
+    from .configuration_ibproj import IBProjConfig
+    from .export import export_backbone
+    from .hub import push_to_hub
+    from .information import matrix_joint_entropy, matrix_mutual_information, matrix_renyi_entropy
+    from .modeling_ibproj import IBProjModel, IBProjModelOutput
+    from .modeling_small_resnet import SmallResNetConfig, SmallResNetForImageClassification, SmallResNetModel
+    from .objectives import BarlowTwinsLoss, NTXentLoss, barlow_twins_loss, nt_xent_loss
+    from .pretraining import PretrainResult, pretrain
+    from .runs import RunFolder
+    from .sources import Source, resolve_source
+    from .train_config import TrainConfig

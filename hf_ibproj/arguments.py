@@ -13,13 +13,14 @@ import dataclasses
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from transformers import HfArgumentParser
 from transformers.hf_argparser import string_to_bool
 
-from .data import StreamingImageDataset, stratified_indices
+if TYPE_CHECKING:
+    from .data import StreamingImageDataset
 
 T = TypeVar("T")
 
@@ -151,6 +152,8 @@ class DataArguments:
         crop_pct. Rows: all of them, or a stratified subset of --max-samples / --eval-max-samples chosen from the
         labels alone (no image is decoded to choose them).
         """
+        from .data import StreamingImageDataset, stratified_indices  # datasets: loaded when a command runs, not for --help
+
         channels, height, width = data_config["input_size"]
         if height != width:
             raise ValueError(f"the backbone expects {height}x{width} inputs; pass --image-size S for S x S inputs.")

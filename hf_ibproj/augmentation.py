@@ -3,14 +3,14 @@
 Augmentation is the hot path on a small machine: kornia augments a whole uint8 batch on the training device
 with independent random parameters for every sample, several times faster than PIL per sample in loader workers
 (benchmarks/RESULTS.md). torchvision v2 on a batched tensor draws ONE parameter set for the whole batch, which would
-give every image of the batch the same crop, so it is not used here.
+give every image of the batch the same crop, so it is not used here. kornia is imported where a pipeline is built, so
+the setting checks (which the command-line help runs) do not load it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-import kornia.augmentation as K
 import torch
 from torch import nn
 
@@ -71,6 +71,8 @@ def _shared_view_pipeline(preset: str, image_size: int, channels: int, crop_min_
 
     With one channel only brightness and contrast jitter apply: saturation, hue and grayscale need colour.
     """
+    import kornia.augmentation as K
+
     if preset == "simclr":
         brightness, contrast, saturation, hue = 0.8, 0.8, 0.8, 0.2
     else:  # barlow_twins
@@ -130,6 +132,7 @@ class TwoViewAugmentation(nn.Module):
         if blur_kernel_size is not None:
             check_blur_kernel_size(blur_kernel_size, image_size)
         self.preset, self.image_size, self.channels, self.num_views = preset, image_size, channels, num_views
+        import kornia.augmentation as K
         self.shared = _shared_view_pipeline(preset, image_size, channels, crop_min_scale,
                                             blur_kernel_size or default_blur_kernel_size(image_size))
         # Applied to views 1.. only, so the first view is never solarized (Barlow Twins' asymmetry).

@@ -10,7 +10,7 @@ from .arguments import ArgumentParser
 from .progress import plain_logs_off_terminal
 
 # Modules that contribute sub-commands, each through a `register_cli(subparsers)` function.
-_COMMAND_MODULES = ("hf_ibproj.hub_cli", "hf_ibproj.evaluate_cli", "hf_ibproj.finetune")
+_COMMAND_MODULES = ("hf_ibproj.hub_cli", "hf_ibproj.evaluate_cli", "hf_ibproj.finetune_cli")
 
 
 def build_parser() -> argparse.ArgumentParser:

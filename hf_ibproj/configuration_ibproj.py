@@ -4,10 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import timm
-from transformers import PreTrainedConfig
-
-from .backbones import SMALL_RESNETS  # importing it registers the small-image ResNets with timm
+from transformers import AutoConfig, PreTrainedConfig
 
 OBJECTIVES = ("simclr", "barlow_twins")
 
@@ -99,6 +96,10 @@ class IBProjConfig(PreTrainedConfig):
 
     def _validate(self) -> None:
         """Reject bad settings at construction, naming the field and what it accepts."""
+        import timm  # here, not at module level: the command-line help reads this module without the model stack
+
+        from .backbones import SMALL_RESNETS  # importing it registers the small-image ResNets with timm
+
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective={self.objective!r} is unknown; allowed values: {', '.join(OBJECTIVES)}.")
         _require(
@@ -143,6 +144,8 @@ class IBProjConfig(PreTrainedConfig):
 # Saved folders carry this file and config.json's auto_map, so AutoConfig loads them with trust_remote_code=True
 # where hf_ibproj is not installed.
 IBProjConfig.register_for_auto_class()
+# Where hf_ibproj is imported, AutoConfig reads those folders without remote code.
+AutoConfig.register(IBProjConfig.model_type, IBProjConfig, exist_ok=True)
 
 
 def _require(ok: bool, field: str, value: Any, allowed: str) -> None:

@@ -6,7 +6,8 @@
 The model is anything hf_ibproj.sources resolves (run folder, IBProjModel or checkpoint folder, timm folder, timm
 name, Hub id); the dataset is brought to the backbone's own preprocessing (pretrained_cfg: input size,
 interpolation, crop_pct, mean/std, channels), as timm's eval transform would. Images are decoded per sample in
-DataLoader workers and only the features are kept, so any dataset size fits in memory.
+DataLoader workers and only the features are kept, so any dataset size fits in memory. The evaluation's modules are
+imported when it runs, so `hf-ibproj --help` does not load them.
 """
 
 from __future__ import annotations
@@ -19,15 +20,7 @@ from typing import Any, Literal
 import torch
 
 from .arguments import DataArguments, Split, arguments_from_namespace
-from .evaluation import (
-    check_labels,
-    evaluate_features,
-    extract_dataset_features,
-    format_table,
-    shared_class_names,
-)
 from .runs import write_json
-from .sources import resolve_source
 
 RESULTS_FILE = "eval_results.json"
 
@@ -42,7 +35,8 @@ class EvaluateArguments(DataArguments):
         "help": "also evaluate the same architecture untrained (the floor) and print both rows"})
     batch_size: int = field(default=512, metadata={"help": "feature-extraction batch size"})
     mixed_precision: Literal["auto", "no", "bf16"] = field(default="auto", metadata={
-        "help": "feature-extraction precision; auto: bf16 where the hardware computes it natively, else float32"})
+        "help": "feature-extraction precision; auto: bf16 where the hardware computes it natively, fp16 on an older CUDA GPU, "
+                "else float32"})
     device: str | None = field(default=None, metadata={"help": "feature-extraction device; None: cuda if available, else cpu"})
     output_dir: str | None = field(default=None, metadata={"help": f"write the results to OUTPUT_DIR/{RESULTS_FILE}; None: print only"})
 
@@ -69,6 +63,9 @@ def _command(namespace: argparse.Namespace) -> int:
 
 def evaluate(args: EvaluateArguments) -> dict[str, Any]:
     """Run the evaluation: print the table, write OUTPUT_DIR/eval_results.json when asked, return that report."""
+    from .evaluation import check_labels, evaluate_features, format_table, shared_class_names
+    from .sources import resolve_source
+
     source = resolve_source(args.model)
     data_config = source.data_config(args.image_size)
     train, test = args.open_splits(data_config)
@@ -97,6 +94,8 @@ def evaluate(args: EvaluateArguments) -> dict[str, Any]:
 def _features(
     backbone: torch.nn.Module, split: Split, data_config: dict[str, Any], args: EvaluateArguments, device: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    from .evaluation import extract_dataset_features
+
     return extract_dataset_features(
         backbone, split.dataset, split.indices.tolist(), data_config["mean"], data_config["std"],
         batch_size=args.batch_size, num_workers=args.num_workers, device=device, precision=args.mixed_precision,

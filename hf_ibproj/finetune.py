@@ -12,7 +12,7 @@ fresh linear classifier (transformers' TimmWrapperForImageClassification) and tr
 backbone in eval mode, only the classifier trains) or `--mode full` (everything trains), with AdamW, a cosine
 schedule and random resized crop + horizontal flip. Images are brought to the backbone's own preprocessing
 (pretrained_cfg: input size, interpolation, crop_pct, mean/std, channels) as timm's eval transform does, whatever
-their size and mode; `--image-size` overrides the size. Checkpoints (accelerate save_state, written atomically)
+their size and mode; `--image-size` overrides the size. Checkpoints (safetensors and JSON, written atomically)
 let `--resume` continue exactly where a run stopped; every augmentation draw is seeded by (seed, epoch, sample),
 so the result does not depend on interruptions or on the number of DataLoader workers. The result is saved so that
 `transformers.pipeline("image-classification", model=OUTPUT_DIR)` loads it, with a model card whose base_model is
@@ -23,16 +23,14 @@ small-image ResNet (resnet18_small, ...) carries its code as `hf-ibproj export` 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
 import os
 import shutil
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from accelerate import Accelerator, PartialState
@@ -44,111 +42,22 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 from transformers import TimmWrapperConfig, TimmWrapperForImageClassification, get_cosine_schedule_with_warmup
 
-from . import cli
-from .arguments import (
-    DataArguments,
-    Split,
-    arguments_from_namespace,
-    check_repo_id,
-    flag_name,
-    refuse_resume_changes,
-)
+from .arguments import Split, refuse_resume_changes
 from .backbones import SMALL_RESNETS
 from .cards import classifier_card
 from .evaluation import check_labels, shared_class_names
 from .export import carry_small_resnet_code
-from .hub import PushError, check_push_access, push_folder
+from .finetune_cli import RESUMABLE_CHANGES, FinetuneArguments, main
+from .hub import check_push_access, push_folder
 from .precision import resolve_mixed_precision
 from .progress import progress_bar
-from .runs import CHECKPOINTS, checkpoint_step, latest_checkpoint, save_checkpoint, write_json
+from .checkpoints import CHECKPOINTS, checkpoint_step, latest_checkpoint, load_checkpoint, save_checkpoint
+from .runs import write_json
 from .seeding import seeded
 from .sources import Source, resolve_source
 
-DEFAULT_LR = {"linear": 1e-3, "full": 1e-4}
 ARGUMENTS_FILE = "finetune_args.json"  # the arguments of the run in OUTPUT_DIR, checked by --resume
 RESULTS_FILE = "results.json"
-# Arguments a resumed run may change (a moved folder, other workers, where to push): they change nothing computed.
-RESUMABLE_CHANGES = ("output_dir", "resume", "num_workers", "push_to_hub", "hub_private")
-
-
-@dataclass(kw_only=True)
-class FinetuneArguments(DataArguments):
-    """The flags of `hf-ibproj finetune` (and of finetune.py, the same command)."""
-
-    model: str = field(metadata={"help": "what to fine-tune: run folder, IBProjModel or checkpoint folder, timm "
-                                         "folder (an export), timm name with pretrained weights, or Hub id"})
-    output_dir: str = field(metadata={"help": "where checkpoints and the fine-tuned model are written"})
-    mode: Literal["linear", "full"] = field(default="linear", metadata={
-        "help": "linear: frozen backbone, train the classifier only; full: train everything"})
-    epochs: int = field(default=10, metadata={"help": "passes over the training split"})
-    batch_size: int = field(default=128, metadata={"help": "images per process and step"})
-    lr: float | None = field(default=None, metadata={
-        "help": f"AdamW learning rate; None: {DEFAULT_LR['linear']:g} (linear) or {DEFAULT_LR['full']:g} (full)"})
-    weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay"})
-    warmup_ratio: float = field(default=0.1, metadata={"help": "fraction of the steps spent warming up"})
-    min_crop_scale: float = field(default=0.5, metadata={"help": "RandomResizedCrop scale lower bound, in (0, 1]"})
-    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = field(default="auto", metadata={
-        "help": "auto: bf16 where the hardware computes it natively, else no (float32)"})
-    checkpoint_every: int = field(default=500, metadata={
-        "help": "steps between checkpoints; one is also written at the end of every epoch"})
-    keep_checkpoints: int = field(default=2, metadata={"help": "checkpoints kept in OUTPUT_DIR/checkpoints"})
-    resume: bool = field(default=False, metadata={
-        "help": "continue the run in --output-dir from its latest checkpoint (same arguments)"})
-    push_to_hub: str | None = field(default=None, metadata={
-        "help": "Hub repository REPO_ID ('username/model-name') to upload the fine-tuned model to"})
-    hub_private: bool = field(default=False, metadata={"help": "create the --push-to-hub repository as private"})
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.lr is None:
-            self.lr = DEFAULT_LR[self.mode]
-        for name in ("epochs", "batch_size", "checkpoint_every", "keep_checkpoints"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{flag_name(name)} must be a positive integer, got {getattr(self, name)}.")
-        if self.lr <= 0:
-            raise ValueError(f"--lr must be > 0, got {self.lr}.")
-        if not 0 < self.min_crop_scale <= 1:
-            raise ValueError(f"--min-crop-scale must be in (0, 1], got {self.min_crop_scale}.")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ValueError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}.")
-        if self.push_to_hub is not None:
-            check_repo_id(self.push_to_hub)
-
-
-def register_cli(subparsers: argparse._SubParsersAction) -> None:
-    """`hf-ibproj finetune --model SRC --dataset DATA --output-dir OUT ...`."""
-    subparsers.add_parser(
-        "finetune",
-        dataclass_types=[FinetuneArguments],
-        help="fine-tune a backbone for image classification (linear or full)",
-        description="Fine-tune a pretrained backbone for image classification (transformers' TimmWrapper, "
-        "Accelerate): a new linear classifier on the frozen backbone (--mode linear) or the whole network "
-        "(--mode full).",
-    ).set_defaults(func=_command)
-
-
-def _command(namespace: argparse.Namespace) -> int:
-    try:
-        finetune(arguments_from_namespace(FinetuneArguments, namespace))
-    except PushError as error:
-        print(f"hf-ibproj finetune: error: {error}", file=sys.stderr)
-        return 1
-    return 0
-
-
-def parse_args(argv: list[str] | None = None) -> FinetuneArguments:
-    """The flags of `hf-ibproj finetune` (default: sys.argv[1:]) as FinetuneArguments; bad values raise ValueError."""
-    namespace = cli.build_parser().parse_args(["finetune", *(sys.argv[1:] if argv is None else argv)])
-    return arguments_from_namespace(FinetuneArguments, namespace)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`accelerate launch -m hf_ibproj.finetune ARGS` and finetune.py: `hf-ibproj finetune ARGS`, exit status 2
-    for bad input and 1 for a failed push (after the result is saved)."""
-    return cli.main(["finetune", *(sys.argv[1:] if argv is None else argv)])
-
-
-# --------------------------------------------------------------------------------------------- data and model
 
 
 class SeededTransformSplit(Dataset):
@@ -320,7 +229,7 @@ def finetune(args: FinetuneArguments) -> dict[str, Any]:
     )
     step = 0
     if checkpoint is not None:
-        accelerator.load_state(str(checkpoint))
+        checkpoint, _ = load_checkpoint(accelerator, output_dir)  # the newest intact one
         step = checkpoint_step(checkpoint)
     elif accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,7 @@
-"""`hf-ibproj export SRC OUT` (hf_ibproj.export) and `hf-ibproj push SRC --repo-id ID ...` (hf_ibproj.hub)."""
+"""`hf-ibproj export SRC OUT` (hf_ibproj.export) and `hf-ibproj push SRC --repo-id ID ...` (hf_ibproj.hub).
+
+The commands import their modules when they run, so `hf-ibproj --help` does not load the model stack.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +10,6 @@ import sys
 from dataclasses import dataclass, field
 
 from .arguments import arguments_from_namespace
-from .export import export_backbone
-from .hub import PushError, check_push_access, push_to_hub
 
 
 @dataclass(kw_only=True)
@@ -42,12 +43,16 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _export_command(args: argparse.Namespace) -> int:
+    from .export import export_backbone
+
     out = export_backbone(args.src, args.out)
     print(f"exported backbone to {out}")
     return 0
 
 
 def _push_command(namespace: argparse.Namespace) -> int:
+    from .hub import PushError, check_push_access, push_to_hub
+
     args = arguments_from_namespace(PushArguments, namespace)
     check_push_access(args.repo_id, flag="--repo-id")  # errors name this command's flag
     try:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-from transformers import PreTrainedModel
+from transformers import AutoModel, PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
@@ -150,6 +150,7 @@ class IBProjModel(IBProjPreTrainedModel):
 # save_pretrained copies this file and its relative imports next to the weights and records them in config.json's
 # auto_map, so `AutoModel.from_pretrained(folder_or_repo, trust_remote_code=True)` works without hf_ibproj.
 IBProjModel.register_for_auto_class("AutoModel")
+AutoModel.register(IBProjConfig, IBProjModel, exist_ok=True)  # where hf_ibproj is imported: no remote code needed
 
 
 def _stack_views(pixel_values: torch.Tensor | list[torch.Tensor] | tuple[torch.Tensor, ...]) -> torch.Tensor:

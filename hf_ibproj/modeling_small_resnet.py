@@ -18,7 +18,14 @@ import timm
 import torch.nn as nn
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
-from transformers import TimmWrapperConfig, TimmWrapperForImageClassification, TimmWrapperModel
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForImageClassification,
+    TimmWrapperConfig,
+    TimmWrapperForImageClassification,
+    TimmWrapperModel,
+)
 
 # Each small-image variant is the stock timm ResNet of the same blocks and depths with only the stem changed.
 STOCK_RESNETS = {"resnet18_small": "resnet18", "resnet34_small": "resnet34", "resnet50_small": "resnet50"}
@@ -117,3 +124,9 @@ class SmallResNetForImageClassification(TimmWrapperForImageClassification):
     """A small-image ResNet with a linear classifier (`num_labels`), as `TimmWrapperForImageClassification`."""
 
     config_class = SmallResNetConfig
+
+
+# Exported small-image ResNets load without trust_remote_code once this module is imported (their code is this one).
+AutoConfig.register(SmallResNetConfig.model_type, SmallResNetConfig, exist_ok=True)
+AutoModel.register(SmallResNetConfig, SmallResNetModel, exist_ok=True)
+AutoModelForImageClassification.register(SmallResNetConfig, SmallResNetForImageClassification, exist_ok=True)

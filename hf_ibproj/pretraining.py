@@ -25,6 +25,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator, PartialState
+from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import ProjectConfiguration, broadcast_object_list, gather_object, set_seed
 from safetensors import SafetensorError
 from safetensors.torch import load_file
@@ -42,16 +43,8 @@ from .modeling_ibproj import IBProjModel
 from .plotting import plot_information_plane
 from .progress import progress_bar
 from .precision import resolve_mixed_precision
-from .runs import (
-    MODEL_WEIGHTS,
-    TRAINING_STATE,
-    RunFolder,
-    hardware_summary,
-    latest_checkpoint,
-    library_versions,
-    load_checkpoint,
-    save_checkpoint,
-)
+from .checkpoints import MODEL_WEIGHTS, TRAINING_STATE, latest_checkpoint, load_checkpoint, save_checkpoint
+from .runs import RunFolder, hardware_summary, library_versions
 from .splits import SplitData, SplitScorer, channel_statistics, images_of, labels_of, load_splits, subset
 from .train_config import RESUMABLE_FIELDS, TrainConfig, read_run_config
 
@@ -114,6 +107,7 @@ class Run:
     bar: Any = None
     window: dict = field(default_factory=dict)
     phases: dict = field(default_factory=dict)
+    state_checked_at: int | None = None  # the step whose weights `check_state` found finite
 
     @property
     def unwrapped(self) -> IBProjModel:
@@ -286,7 +280,9 @@ def check_finite(run: Run, loss: torch.Tensor) -> None:
 def check_state(run: Run) -> None:
     """Stop every process together when the weights (model and online probe, buffers included) or, with a held-out
     split, the features they give are non-finite: run before a checkpoint is written and before the epoch-end
-    monitors (the loss of the step was checked before its update)."""
+    monitors (the loss of the step was checked before its update); once per step."""
+    if run.state_checked_at == run.progress.step:
+        return
     model_state = run.unwrapped.state_dict()
     probe_state = run.accelerator.unwrap_model(run.probe).state_dict()
     tensors = {**model_state, **{f"online_probe.{name}": value for name, value in probe_state.items()}}
@@ -304,6 +300,7 @@ def check_state(run: Run) -> None:
                             f"tensors: {', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})")
     if features_bad:
         raise diverged(run, f"the weights after the update of step {step} give non-finite held-out features")
+    run.state_checked_at = step
 
 
 def held_out_features_finite(run: Run) -> bool:
@@ -503,6 +500,10 @@ def start_run(config: TrainConfig, folder: RunFolder, resume: bool, started_at: 
     """Everything the loop needs: accelerator, data, model, optimizer, resumed state, floor, budget. A fresh start
     that fails before its records are written leaves no run folder behind (nothing but the lock is in it then)."""
     try:
+        # accelerate keeps one precision and accumulation setting per process and refuses another; each call of
+        # `pretrain` (a sweep in one notebook) starts with its own (the process group stays). Private, no public reset.
+        AcceleratorState._reset_state()
+        GradientState._reset_state()
         accelerator = Accelerator(
             cpu=process_state().device.type == "cpu", mixed_precision=config.mixed_precision,
             gradient_accumulation_steps=config.gradient_accumulation_steps,
@@ -615,7 +616,7 @@ def initial_progress(config: TrainConfig, steps_per_epoch: int) -> TrainingProgr
 
 
 def restore_checkpoint(run: Run) -> dict | None:
-    """Load the newest intact checkpoint (runs.load_checkpoint: a damaged one is named and skipped) into the
+    """Load the newest intact checkpoint (checkpoints.load_checkpoint: a damaged one is named and skipped) into the
     prepared objects and the progress; returns its time-budget state."""
     checkpoint, stored = load_checkpoint(run.accelerator, run.folder.path)
     try:

@@ -15,7 +15,7 @@ import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
-import hf_ibproj  # noqa: F401  (registers the small-image ResNets with timm)
+import hf_ibproj.backbones  # noqa: F401  (registers the small-image ResNets with timm)
 from hf_ibproj import IBProjConfig, IBProjModel
 from hf_ibproj.data import ImageData
 from hf_ibproj.evaluation import (

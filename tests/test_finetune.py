@@ -21,7 +21,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers import pipeline
 
-from hf_ibproj import IBProjConfig, IBProjModel, export_backbone, finetune, resolve_source
+from hf_ibproj import IBProjConfig, IBProjModel, export_backbone, finetune, finetune_cli, resolve_source
 from test_export import run_without_hf_ibproj
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,7 +71,7 @@ def flags(backbone, dataset, out, *extra):
 
 def run(backbone, dataset, out, *extra):
     """finetune.finetune on the parsed flags: its results; bad input raises."""
-    return finetune.finetune(finetune.parse_args(flags(backbone, dataset, out, *extra)))
+    return finetune.finetune(finetune_cli.parse_args(flags(backbone, dataset, out, *extra)))
 
 
 def test_linear_and_full_fine_tuning_learn_and_the_saved_model_runs_in_a_pipeline(
@@ -169,7 +169,7 @@ def test_output_dir_and_resume_errors(color_dataset, backbone_folder, tmp_path, 
         run(backbone_folder, color_dataset, out, "--epochs", "1", "--max-samples", "30")
     # The command (finetune.py, hf-ibproj finetune): one line naming the problem and the fix, exit status 2.
     capsys.readouterr()
-    assert finetune.main(flags(backbone_folder, color_dataset, out, "--epochs", "1", "--max-samples", "30")) == 2
+    assert finetune_cli.main(flags(backbone_folder, color_dataset, out, "--epochs", "1", "--max-samples", "30")) == 2
     assert capsys.readouterr().err == (f"hf-ibproj finetune: error: --output-dir {out} is not empty; pass --resume "
                                        "to continue the run in it or choose another --output-dir.\n")
     with pytest.raises(ValueError, match=r"--epochs \(1 -> 2\)"):
@@ -244,7 +244,7 @@ def test_push_to_hub_names_the_hub_id_it_started_from_as_base_model(backbone_fol
 
 def test_help_shows_one_flag_style_with_defaults(capsys, monkeypatch):
     with pytest.raises(SystemExit):
-        finetune.parse_args(["--help"])
+        finetune_cli.parse_args(["--help"])
     shown = " ".join(capsys.readouterr().out.split())
     # The repository's finetune.py is the same command.
     monkeypatch.setattr(sys, "argv", ["finetune.py", "--help"])

@@ -14,7 +14,7 @@ from accelerate import Accelerator
 from huggingface_hub import ModelCard, ModelCardData
 from transformers import TimmWrapperConfig, TimmWrapperForImageClassification
 
-import hf_ibproj  # noqa: F401  (registers the small-image ResNets with timm)
+import hf_ibproj.backbones  # noqa: F401  (registers the small-image ResNets with timm)
 from hf_ibproj import IBProjConfig, IBProjModel
 from hf_ibproj.sources import SourceError, load_source, resolve_source
 
