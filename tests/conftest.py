@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
 
 import pytest
+from tiny import save_tiny_dataset
 
 if os.environ.get("PYTEST_XDIST_WORKER"):  # set by xdist in each worker before this file is imported
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # read by torch at import, here and in every subprocess
@@ -23,3 +25,9 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory) -> Path:
+    """128 + 64 learnable 16 px images in two classes (tests/tiny.py), made once per worker."""
+    return save_tiny_dataset(tmp_path_factory.mktemp("data") / "tiny")

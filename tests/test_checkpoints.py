@@ -27,7 +27,8 @@ from hf_ibproj.cli import main as cli_main
 from hf_ibproj.hub import push_checkpoint
 from hf_ibproj.checkpoints import DamagedFileError, load_checkpoint, save_checkpoint
 from hub_server import FakeHub
-from test_train import TINY, run_train, tiny_dataset  # noqa: F401 (a fixture)
+from test_train import run_train
+from tiny import TINY
 
 # every file a checkpoint of two prepared models (a model and a probe) with a model config holds
 CHECKPOINT_FILES = ["config.json", "model.safetensors", "model_1.safetensors", "optimizer.json",

@@ -18,46 +18,29 @@ import yaml
 from hf_ibproj import TrainConfig, pretrain
 from hf_ibproj.augmentation import TwoViewAugmentation
 from hf_ibproj.pretrain_cli import main
+from tiny import TINY, save_tiny_dataset
 
 REPO = Path(__file__).resolve().parent.parent
-TINY = [
-    "--channels", "1", "--image-size", "16", "--backbone-kwargs", "{channels: [8, 16, 32, 64]}",
-    "--projector-hidden-dims", "[32]", "--projector-out-dim", "16", "--batch-size", "16", "--lr", "0.1",
-    "--warmup-epochs", "0.5", "--mixed-precision", "no", "--log-every", "2", "--diagnostics-every", "2",
-    "--knn-train-samples", "32", "--knn-eval-samples", "16", "--num-workers", "0", "--tracker", "none",
-    "--max-steps", "2", "--no-export-backbone",
-]
+FLAGS = [*TINY, "--knn-train-samples", "32", "--knn-eval-samples", "16", "--tracker", "none", "--max-steps", "2",
+         "--no-export-backbone"]  # two steps of the tiny run (tests/tiny.py)
 
 
 def _gray_images(rng, count: int) -> list[np.ndarray]:
     return [rng.integers(0, 256, (16, 16), dtype=np.uint8) for _ in range(count)]
 
 
-def _save_to_disk(path: Path, class_names: list[str]) -> Path:
-    """A save_to_disk dataset of 16 px gray images, train (32 rows) and test (16 rows), labeled round-robin."""
-    from datasets import ClassLabel, Dataset, DatasetDict, Features, Image
-
-    rng = np.random.default_rng(0)
-    features = Features({"image": Image(), "label": ClassLabel(names=class_names)})
-    DatasetDict({
-        split: Dataset.from_dict({"image": _gray_images(rng, n), "label": [i % len(class_names) for i in range(n)]},
-                                 features=features)
-        for split, n in (("train", 32), ("test", 16))
-    }).save_to_disk(str(path))
-    return path
+@pytest.fixture(scope="module")
+def noise_dataset(tmp_path_factory) -> Path:
+    """32 + 16 noise images in two classes."""
+    return save_tiny_dataset(tmp_path_factory.mktemp("data") / "noise", 32, 16, ("a", "b"), learnable=False)
 
 
 @pytest.fixture(scope="module")
-def tiny_dataset(tmp_path_factory) -> Path:
-    return _save_to_disk(tmp_path_factory.mktemp("data") / "tiny", ["a", "b"])
-
-
-@pytest.fixture(scope="module")
-def stored_run(tiny_dataset, tmp_path_factory) -> Path:
+def stored_run(noise_dataset, tmp_path_factory) -> Path:
     """A finished two-step run (batch 16, lr 0.1, seed 3; no final evaluation), copied by each test that damages it."""
     out = tmp_path_factory.mktemp("stored") / "run"
-    assert main(["--dataset", str(tiny_dataset), "--output-dir", str(out), "--seed", "3", "--no-final-eval",
-                 *TINY]) == 0
+    assert main(["--dataset", str(noise_dataset), "--output-dir", str(out), "--seed", "3", "--no-final-eval",
+                 *FLAGS]) == 0
     return out
 
 
@@ -106,10 +89,10 @@ def test_a_preset_may_leave_out_any_setting(tmp_path):
     assert (config.lr, config.batch_size, config.dataset) == (0.3, 256, "fashion_mnist")  # the paper's defaults
 
 
-def test_a_stored_run_resumes_with_exactly_its_stored_settings(stored_run, tiny_dataset):
+def test_a_stored_run_resumes_with_exactly_its_stored_settings(stored_run, noise_dataset):
     config = TrainConfig.from_run(stored_run)
     assert (config.batch_size, config.lr, config.seed, config.max_steps) == (16, 0.1, 3, 2)  # the flags it ran with
-    assert (config.dataset, config.image_size, config.final_eval) == (str(tiny_dataset), 16, False)
+    assert (config.dataset, config.image_size, config.final_eval) == (str(noise_dataset), 16, False)
 
 
 def _damaged_copy(stored_run: Path, tmp_path: Path, damage) -> Path:
@@ -175,19 +158,19 @@ def test_resuming_a_config_without_its_batch_and_lr_in_train_py_says_so_in_one_l
     (["--eval-split", "validation"], r"unknown split 'validation' .*\['train', 'test'\].*--eval-split SPLIT\|none"),
     (["--batch-size", "64"], r"32 training samples do not fill one global batch of 64; lower --batch-size"),
 ], ids=["in-chans", "image-size", "eval-split", "batch-size"])
-def test_a_mismatch_is_refused_before_anything_is_written(tiny_dataset, tmp_path, extra, problem):
+def test_a_mismatch_is_refused_before_anything_is_written(noise_dataset, tmp_path, extra, problem):
     out = tmp_path / "runs" / "run"
     with pytest.raises(ValueError, match=problem) as error:
-        main(["--dataset", str(tiny_dataset), "--output-dir", str(out), *TINY, *extra])
+        main(["--dataset", str(noise_dataset), "--output-dir", str(out), *FLAGS, *extra])
     _one_line(error)
     assert not out.exists()  # a failed start leaves no folder behind
 
 
-def test_a_failed_start_in_an_empty_folder_leaves_no_folder_behind(tiny_dataset, tmp_path):
+def test_a_failed_start_in_an_empty_folder_leaves_no_folder_behind(noise_dataset, tmp_path):
     out = tmp_path / "empty"
     out.mkdir()
     with pytest.raises(ValueError, match="--eval-split SPLIT"):
-        main(["--dataset", str(tiny_dataset), "--output-dir", str(out), *TINY, "--eval-split", "validation"])
+        main(["--dataset", str(noise_dataset), "--output-dir", str(out), *FLAGS, "--eval-split", "validation"])
     assert not out.exists()
 
 
@@ -212,7 +195,7 @@ def test_in_chans_equal_to_channels_is_accepted():
 
 @pytest.fixture(scope="module")
 def single_class_dataset(tmp_path_factory) -> Path:
-    return _save_to_disk(tmp_path_factory.mktemp("data") / "one", ["cat"])
+    return save_tiny_dataset(tmp_path_factory.mktemp("data") / "one", 32, 16, ("cat",), learnable=False)
 
 
 @pytest.fixture(scope="module")
@@ -237,7 +220,7 @@ def test_unusable_labels_skip_evaluation_with_one_line_saying_why(request, tmp_p
                                                                   reason):
     dataset = request.getfixturevalue(data)
     out = tmp_path / "run"
-    assert main(["--dataset", str(dataset), "--output-dir", str(out), *TINY,
+    assert main(["--dataset", str(dataset), "--output-dir", str(out), *FLAGS,
                  *(["--streaming"] if streaming else [])]) == 0
     notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note: ")]
     assert len(notes) == 1, notes
@@ -252,8 +235,8 @@ def test_unusable_labels_skip_evaluation_with_one_line_saying_why(request, tmp_p
     assert any("heldout/rankme" in r for r in records)  # the label-free monitor still runs
 
 
-def test_two_classes_are_evaluated_without_a_note(tiny_dataset, tmp_path, capsys):
+def test_two_classes_are_evaluated_without_a_note(noise_dataset, tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(["--dataset", str(tiny_dataset), "--output-dir", str(out), *TINY]) == 0
+    assert main(["--dataset", str(noise_dataset), "--output-dir", str(out), *FLAGS]) == 0
     assert "note: " not in capsys.readouterr().out
     assert (out / "final_eval.json").exists() and (out / "random_init_eval.json").exists()

@@ -8,44 +8,30 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 from hf_ibproj.pretraining import last_finite_checkpoint
 from hf_ibproj.runs import RunFolder
+from tiny import TINY, save_tiny_dataset
 
 REPO = Path(__file__).resolve().parent.parent
-TINY = [
-    "--channels", "1", "--image-size", "16", "--backbone-kwargs", "{channels: [8, 16, 32, 64]}",
-    "--projector-hidden-dims", "[32]", "--projector-out-dim", "16", "--batch-size", "16", "--mixed-precision", "no",
-    "--log-every", "1", "--diagnostics-every", "100", "--knn-train-samples", "32", "--knn-eval-samples", "16",
-    "--num-workers", "0", "--tracker", "none", "--no-final-eval", "--no-export-backbone", "--optimizer", "sgd",
-    "--keep-checkpoints", "10",
-]
+# the tiny run (tests/tiny.py) with plain SGD, every step logged and every checkpoint kept, no final phase
+FLAGS = [*TINY, "--log-every", "1", "--diagnostics-every", "100", "--knn-train-samples", "32", "--knn-eval-samples",
+         "16", "--tracker", "none", "--no-final-eval", "--no-export-backbone", "--optimizer", "sgd", "--keep-checkpoints",
+         "10"]
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
-    """A save_to_disk dataset of 64 + 32 16x16 gray images in two classes (4 steps of 16 per epoch)."""
-    from datasets import ClassLabel, Dataset, DatasetDict, Features, Image
-
-    rng = np.random.default_rng(0)
-
-    def split(n: int) -> Dataset:
-        images = [rng.integers(0, 256, (16, 16), dtype=np.uint8) for _ in range(n)]
-        return Dataset.from_dict({"image": images, "label": [i % 2 for i in range(n)]},
-                                 features=Features({"image": Image(), "label": ClassLabel(names=["a", "b"])}))
-
-    path = tmp_path_factory.mktemp("data") / "tiny"
-    DatasetDict({"train": split(64), "test": split(32)}).save_to_disk(str(path))
-    return path
+    """64 + 32 noise images in two classes (4 steps of 16 per epoch)."""
+    return save_tiny_dataset(tmp_path_factory.mktemp("data") / "noise", 64, 32, ("a", "b"), learnable=False)
 
 
 def diverge(args: list[str]) -> subprocess.CompletedProcess:
     """train.py with `args`; the warm-up makes the first update use lr 0, so the blow-up comes at step 2."""
-    return subprocess.run([sys.executable, str(REPO / "train.py"), *TINY, *args], cwd=REPO, capture_output=True,
+    return subprocess.run([sys.executable, str(REPO / "train.py"), *FLAGS, *args], cwd=REPO, capture_output=True,
                           text=True, timeout=300, env={**os.environ, "PYTHONWARNINGS": "ignore"})
 
 

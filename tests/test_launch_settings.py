@@ -3,6 +3,7 @@ and gradient accumulation (CPU processes in one gloo group; what needs GPUs is f
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -11,7 +12,7 @@ import pytest
 import timm
 import torch
 import yaml
-from test_train import TINY, tiny_dataset  # noqa: F401  (a fixture)
+from tiny import TINY, TINY_SETTINGS
 from torch import nn
 
 from hf_ibproj import IBProjConfig, IBProjModel, TrainConfig, export_backbone
@@ -22,7 +23,7 @@ _NOTEBOOK_CELL = """
 import time
 from accelerate import notebook_launcher
 import hf_ibproj.pretraining as pretraining
-from hf_ibproj import TrainConfig
+from hf_ibproj import TrainConfig, pretrain
 
 evaluate_floor = pretraining.evaluate_floor
 
@@ -33,37 +34,40 @@ def slow_on_the_main_process(run, resume):  # as a main process that decodes a l
 
 pretraining.evaluate_floor = slow_on_the_main_process
 config = TrainConfig(dataset={dataset!r}, epochs=1, output_dir={out!r}, tracker="none", export_backbone=False,
-                     channels=1, image_size=16, backbone_kwargs={{"channels": [8, 16, 32, 64]}},
-                     projector_hidden_dims=[32], projector_out_dim=16, batch_size=16, lr=0.1, warmup_epochs=0.5,
-                     mixed_precision="no", log_every=2, knn_train_samples=64, knn_eval_samples=32, num_workers=0,
-                     ddp_timeout={timeout_s})
-notebook_launcher(pretraining.pretrain, (config,), num_processes=2)
+                     ddp_timeout={timeout_s}, **{settings!r})
+notebook_launcher(pretrain, (config,), num_processes=2)
 """
 
 
 def _two_processes_with_a_slow_main_one(dataset, out, slow_s: int, timeout_s: int) -> subprocess.CompletedProcess:
-    cell = _NOTEBOOK_CELL.format(dataset=str(dataset), out=str(out), slow_s=slow_s, timeout_s=timeout_s)
+    cell = _NOTEBOOK_CELL.format(dataset=str(dataset), out=str(out), slow_s=slow_s, timeout_s=timeout_s,
+                                 settings=TINY_SETTINGS)
     return subprocess.run([sys.executable, "-c", cell], capture_output=True, text=True, timeout=300)
 
 
-def test_a_slow_main_process_within_the_timeout_passes_and_resume_keeps_the_process_count(tiny_dataset, tmp_path):  # noqa: F811
+def test_a_slow_main_process_within_the_timeout_passes_and_resume_keeps_the_process_count(tiny_dataset, tmp_path):
     out = tmp_path / "run"
+    # pretrain from a notebook's cell: two CPU processes forked by accelerate's notebook_launcher, one gloo group
     result = _two_processes_with_a_slow_main_one(tiny_dataset, out, slow_s=8, timeout_s=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert yaml.safe_load((out / "config.yaml").read_text())["num_processes"] == 2
+    resolved = yaml.safe_load((out / "config.yaml").read_text())
+    assert resolved["num_processes"] == 2 and resolved["steps_per_epoch"] == 128 // 32
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [2, 4]  # the main process alone writes
+    assert (out / "model" / "model.safetensors").exists() and (out / "final_eval.json").exists()
     before = sorted(p.name for p in out.rglob("*"))
     with pytest.raises(ValueError, match=r"trained with 2 process\(es\), this launch has 1.*--num_processes 2"):
         main(["--output-dir", str(out), "--resume"])
     assert sorted(p.name for p in out.rglob("*")) == before
 
 
-def test_a_main_process_slower_than_the_timeout_stops_the_run_naming_the_setting(tiny_dataset, tmp_path):  # noqa: F811
+def test_a_main_process_slower_than_the_timeout_stops_the_run_naming_the_setting(tiny_dataset, tmp_path):
     result = _two_processes_with_a_slow_main_one(tiny_dataset, tmp_path / "run", slow_s=25, timeout_s=5)
     assert result.returncode != 0
     assert "ProcessGroupTimeoutError: process 1 waited more than --ddp-timeout 5 s" in result.stderr
 
 
-def test_gradient_accumulation_warns_once_that_the_contrastive_batch_stays_small(tiny_dataset, tmp_path, capsys):  # noqa: F811
+def test_gradient_accumulation_warns_once_that_the_contrastive_batch_stays_small(tiny_dataset, tmp_path, capsys):
     main(["--dataset", str(tiny_dataset), "--max-steps", "2", "--gradient-accumulation-steps", "2", "--tracker",
           "none", "--no-final-eval", "--no-export-backbone", *TINY, "--output-dir", str(tmp_path / "run")])
     warnings = [line for line in capsys.readouterr().out.splitlines() if "--gradient-accumulation-steps" in line]
@@ -109,14 +113,14 @@ def test_sync_batchnorm_default_is_on_for_several_gpu_processes(setting, device,
     assert batchnorm_is_synced(TrainConfig(sync_batchnorm=setting), accelerator) is synced
 
 
-def test_sync_batchnorm_on_cpus_is_refused_before_anything_is_written(tiny_dataset, tmp_path):  # noqa: F811
+def test_sync_batchnorm_on_cpus_is_refused_before_anything_is_written(tiny_dataset, tmp_path):
     with pytest.raises(ValueError, match="--sync-batchnorm needs GPU processes"):
         main(["--dataset", str(tiny_dataset), "--max-steps", "2", "--sync-batchnorm", "--tracker", "none", *TINY,
               "--output-dir", str(tmp_path / "run")])
     assert not (tmp_path / "run").exists()
 
 
-def test_streaming_keeps_the_rows_that_max_samples_selects_in_memory(tiny_dataset):  # noqa: F811
+def test_streaming_keeps_the_rows_that_max_samples_selects_in_memory(tiny_dataset):
     import contextlib
 
     from hf_ibproj.splits import load_splits
@@ -131,7 +135,7 @@ def test_streaming_keeps_the_rows_that_max_samples_selects_in_memory(tiny_datase
     assert torch.equal(held_out_streamed.labels, held_out_in_memory.labels)
 
 
-def test_the_knn_monitor_decodes_its_streamed_rows_once_per_run(tiny_dataset, monkeypatch):  # noqa: F811
+def test_the_knn_monitor_decodes_its_streamed_rows_once_per_run(tiny_dataset, monkeypatch):
     import contextlib
 
     from hf_ibproj.data import StreamingImageDataset

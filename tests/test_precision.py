@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 from safetensors.torch import load_file
-from test_train import tiny_dataset  # noqa: F401  (a fixture)
+from tiny import TINY_SETTINGS
 
 from hf_ibproj import TrainConfig, pretrain
 from hf_ibproj.precision import has_native_bf16, resolve_mixed_precision
@@ -37,7 +37,7 @@ def test_auto_on_the_cpu_follows_its_bf16_units(monkeypatch, native):
     assert resolve_mixed_precision("auto", torch.device("cpu")) == ("bf16" if native else "no")
 
 
-def test_a_cpu_run_in_bf16_trains_under_autocast_and_stores_float32(tiny_dataset, tmp_path, monkeypatch):  # noqa: F811
+def test_a_cpu_run_in_bf16_trains_under_autocast_and_stores_float32(tiny_dataset, tmp_path, monkeypatch):
     conv_output_dtypes = set()
     conv2d = F.conv2d
 
@@ -48,11 +48,8 @@ def test_a_cpu_run_in_bf16_trains_under_autocast_and_stores_float32(tiny_dataset
         return output
 
     monkeypatch.setattr(torch.nn.modules.conv.F, "conv2d", recording_conv2d)
-    config = TrainConfig.from_preset(
-        dataset=str(tiny_dataset), epochs=1, tracker="none", export_backbone=False, output_dir=str(tmp_path / "run"),
-        channels=1, image_size=16, backbone_kwargs={"channels": [8, 16, 32, 64]}, projector_hidden_dims=[32],
-        projector_out_dim=16, batch_size=16, lr=0.1, warmup_epochs=0.5, mixed_precision="bf16", log_every=2,
-        diagnostics_every=2, knn_train_samples=64, knn_eval_samples=32, num_workers=0)
+    config = TrainConfig.from_preset(dataset=str(tiny_dataset), epochs=1, tracker="none", export_backbone=False,
+                                     output_dir=str(tmp_path / "run"), **{**TINY_SETTINGS, "mixed_precision": "bf16"})
     result = pretrain(config)
     assert conv_output_dtypes == {torch.bfloat16}
     weights = load_file(result.run_dir / "model" / "model.safetensors")

@@ -19,15 +19,11 @@ from PIL import Image
 
 from hf_ibproj.data import OversizedImageError, StreamingImageDataset, decode_image, load_image_data
 from hf_ibproj.export import export_backbone
+from tiny import TINY, save_tiny_dataset
 
 REPO = Path(__file__).resolve().parent.parent
-TINY = [
-    "--channels", "1", "--image-size", "16", "--backbone-kwargs", "{channels: [8, 16, 32, 64]}",
-    "--projector-hidden-dims", "[32]", "--projector-out-dim", "16", "--batch-size", "16", "--lr", "0.1",
-    "--warmup-epochs", "0.5", "--mixed-precision", "no", "--log-every", "2", "--diagnostics-every", "100",
-    "--knn-train-samples", "32", "--knn-eval-samples", "16", "--num-workers", "0", "--tracker", "none",
-    "--no-final-eval", "--no-export-backbone",
-]
+FLAGS = [*TINY, "--diagnostics-every", "100", "--knn-train-samples", "32", "--knn-eval-samples", "16", "--tracker",
+         "none", "--no-final-eval", "--no-export-backbone"]  # the tiny run (tests/tiny.py) without its final phase
 SMALL_LIMIT = 1000  # PIL.Image.MAX_IMAGE_PIXELS in these tests: PIL refuses images over 2000 pixels
 OVERSIZED = 64  # a 64 x 64 image (4096 pixels) is over it, the 16 x 16 ones are far below
 
@@ -37,7 +33,7 @@ def train(args: list[str], max_image_pixels: int | None = None) -> None:
     limit = f"Image.MAX_IMAGE_PIXELS = {max_image_pixels}" if max_image_pixels else ""
     code = ("import sys; from PIL import Image; " + limit + "\nfrom hf_ibproj.pretrain_cli import main; "
             "sys.exit(main(sys.argv[1:]))")
-    result = subprocess.run([sys.executable, "-c", code, *TINY, *args], cwd=REPO, capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-c", code, *FLAGS, *args], cwd=REPO, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
 
@@ -45,18 +41,8 @@ def train(args: list[str], max_image_pixels: int | None = None) -> None:
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     """A finished run of 2 epochs x 4 steps, checkpoints every 2 steps (all kept), no final evaluation."""
-    from datasets import ClassLabel, Dataset, DatasetDict, Features
-    from datasets import Image as ImageFeature
-
-    rng = np.random.default_rng(0)
-
-    def split(n: int) -> Dataset:
-        images = [rng.integers(0, 256, (16, 16), dtype=np.uint8) for _ in range(n)]
-        return Dataset.from_dict({"image": images, "label": [i % 2 for i in range(n)]},
-                                 features=Features({"image": ImageFeature(), "label": ClassLabel(names=["a", "b"])}))
-
     root = tmp_path_factory.mktemp("card")
-    DatasetDict({"train": split(64), "test": split(32)}).save_to_disk(str(root / "data"))
+    save_tiny_dataset(root / "data", 64, 32, ("a", "b"), learnable=False)
     train(["--dataset", str(root / "data"), "--epochs", "2", "--checkpoint-every", "2", "--keep-checkpoints", "10",
            "--output-dir", str(root / "run")])
     return root / "run"

@@ -23,43 +23,10 @@ from hf_ibproj import TrainConfig, pretrain
 from hf_ibproj.budget import MIN_TIMED_STEPS, SKIP_STEPS
 from hf_ibproj.pretrain_cli import main
 from hf_ibproj.train_config import parse_train_config
+from tiny import TINY, TINY_SETTINGS
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/hub_server.py
-TINY = [
-    "--channels", "1", "--image-size", "16", "--backbone-kwargs", "{channels: [8, 16, 32, 64]}",
-    "--projector-hidden-dims", "[32]", "--projector-out-dim", "16", "--batch-size", "16", "--lr", "0.1",
-    "--warmup-epochs", "0.5", "--mixed-precision", "no", "--log-every", "2", "--diagnostics-every", "2",
-    "--knn-train-samples", "64", "--knn-eval-samples", "32", "--num-workers", "0",
-]
-
-
-@pytest.fixture(scope="module")
-def tiny_dataset(tmp_path_factory) -> Path:
-    """A save_to_disk dataset of 16x16 gray images, two learnable classes (bright top half / bright bottom half)."""
-    from datasets import ClassLabel, Dataset, DatasetDict, Features, Image
-
-    rng = np.random.default_rng(0)
-
-    def split(n: int):
-        images, labels = [], []
-        for i in range(n):
-            label = i % 2
-            pixels = rng.integers(0, 60, (16, 16), dtype=np.uint8)
-            rows = slice(0, 8) if label == 0 else slice(8, 16)
-            pixels[rows] += 150
-            images.append(pixels)
-            labels.append(label)
-        return Dataset.from_dict(
-            {"image": images, "label": labels},
-            features=Features({"image": Image(), "label": ClassLabel(names=["top", "bottom"])}),
-        )
-
-    path = tmp_path_factory.mktemp("data") / "tiny"
-    DatasetDict({"train": split(128), "test": split(64)}).save_to_disk(str(path))
-    return path
-
-
 def run_train(args: list[str], env: dict | None = None, launcher: list[str] | None = None, check: bool = True):
     command = (launcher or [sys.executable]) + [str(REPO / "train.py"), *args]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300,
@@ -121,27 +88,6 @@ def test_two_processes_scale_batch_and_lr_and_only_main_writes(tiny_dataset, tmp
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [2, 4]  # one writer: no duplicated records
     assert (out / "model" / "model.safetensors").exists()
-
-
-def test_pretrain_runs_under_accelerates_notebook_launcher(tiny_dataset, tmp_path):
-    # A notebook's cell, in a fresh interpreter: two CPU processes forked by notebook_launcher, one gloo group.
-    out = tmp_path / "notebook"
-    cell = f"""
-from accelerate import notebook_launcher
-from hf_ibproj import TrainConfig, pretrain
-config = TrainConfig(dataset={str(tiny_dataset)!r}, epochs=1, output_dir={str(out)!r}, tracker="none",
-                     export_backbone=False, channels=1, image_size=16, backbone_kwargs={{"channels": [8, 16, 32, 64]}},
-                     projector_hidden_dims=[32], projector_out_dim=16, batch_size=16, lr=0.1, warmup_epochs=0.5,
-                     mixed_precision="no", log_every=2, knn_train_samples=64, knn_eval_samples=32, num_workers=0)
-notebook_launcher(pretrain, (config,), num_processes=2)
-"""
-    result = subprocess.run([sys.executable, "-c", cell], cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    resolved = yaml.safe_load((out / "config.yaml").read_text())
-    assert resolved["num_processes"] == 2 and resolved["steps_per_epoch"] == 128 // 32
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records if "loss" in r] == [2, 4]  # the main process alone writes
-    assert (out / "model" / "model.safetensors").exists() and (out / "final_eval.json").exists()
 
 
 def _kill_after_first_checkpoint(args: list[str], out: Path) -> None:
@@ -286,11 +232,8 @@ def test_time_budget_run_ends_on_time_and_a_resume_spends_what_is_left(tiny_data
 def test_pretrain_from_python_gives_the_run_that_train_py_gives(tiny_dataset, tmp_path):
     flags = ["--dataset", str(tiny_dataset), "--epochs", "1", "--tracker", "none", "--no-export-backbone", *TINY]
     run_train([*flags, "--output-dir", str(tmp_path / "script")])
-    config = TrainConfig.from_preset(
-        dataset=str(tiny_dataset), epochs=1, tracker="none", export_backbone=False, output_dir=str(tmp_path / "api"),
-        channels=1, image_size=16, backbone_kwargs={"channels": [8, 16, 32, 64]}, projector_hidden_dims=[32],
-        projector_out_dim=16, batch_size=16, lr=0.1, warmup_epochs=0.5, mixed_precision="no", log_every=2,
-        diagnostics_every=2, knn_train_samples=64, knn_eval_samples=32, num_workers=0)
+    config = TrainConfig.from_preset(dataset=str(tiny_dataset), epochs=1, tracker="none", export_backbone=False,
+                                     output_dir=str(tmp_path / "api"), **TINY_SETTINGS)
     result = pretrain(config)
     assert result.run_dir == tmp_path / "api"
     expected = load_file(tmp_path / "script" / "model" / "model.safetensors")
