@@ -58,7 +58,7 @@ from hf_ibproj.augmentation import TwoViewAugmentation
 from hf_ibproj.pretraining import pretrain
 from hf_ibproj.resources import CONFIG_DIR
 from hf_ibproj.runs import library_versions
-from hf_ibproj.splits import images_of, load_splits, subset
+from hf_ibproj.splits import images_of, load_splits, subset, training_crops
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 TINY = {"backbone_kwargs": {"channels": [8, 16, 32, 64]}}
@@ -214,7 +214,8 @@ def measure(name: str, config: TrainConfig, sizes: Sizes, device: torch.device) 
            "full_step_img_per_s": statistics.median(throughput[1:] or throughput),
            "model_step_img_per_s": model_step_rate(config, stored, images, device, sizes),
            "data_wait_share": data_wait_share(waits[sizes.warmup:]),
-           "loader_img_per_s": loader_rate(train, config, device, sizes.loader_batches) if config.streaming else None,
+           "loader_img_per_s": loader_rate(training_crops(train, config, contextlib.nullcontext), config, device,
+                                           sizes.loader_batches) if config.streaming else None,
            "peak_memory_gib": peak, "setup_s": folder.read_info()["phases"]["training_start_s"],
            "online_probe_top1": probe[-1] if probe else None, "run_dir": str(run_dir)}
     gc.collect()
@@ -293,8 +294,8 @@ def model_step_rate(config: TrainConfig, stored: dict, images: torch.Tensor, dev
 
 
 def loader_rate(train, config: TrainConfig, device: torch.device, batches: int) -> float:
-    """Images/s of the training DataLoader alone, built as hf_ibproj/pretraining.py's epoch_batches builds it; the
-    first batch (the workers' start) is not timed."""
+    """Images/s of the training DataLoader alone (`train`: the crops of whole images the loop reads), built as
+    hf_ibproj/pretraining.py's epoch_batches builds it; the first batch (the workers' start) is not timed."""
     loader = iter(torch.utils.data.DataLoader(train, batch_size=config.batch_size, shuffle=True,
                                               num_workers=config.num_workers, pin_memory=device.type == "cuda"))
     next(loader)

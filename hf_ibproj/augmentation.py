@@ -105,7 +105,10 @@ class TwoViewAugmentation(nn.Module):
     `blur_kernel_size` (odd; default `default_blur_kernel_size(image_size)`) bounds the blur: a 3-px kernel
     cuts sigma 2 to a 3x3 box, while 13 px (2 x 3 sigma + 1) blurs as PIL's GaussianBlur (lightly's) does.
     Every sample of every view draws its own parameters (the views are stacked into one batch of B*V).
-    Input: uint8 in [0, 255] or float in [0, 1]; any spatial size (the random crop resizes to `image_size`).
+    Input: uint8 in [0, 255] or float in [0, 1], either
+      (B, C, H, W)     images of any size: every view is cropped here, from the whole (in-memory) image;
+      (B, V, C, S, S)  views already cropped, one per view (`hf_ibproj.data.FullImageCrops` crops streamed images
+                       from the whole decoded file, per sample): the crop is skipped, the rest of the recipe applies.
     """
 
     def __init__(
@@ -145,16 +148,27 @@ class TwoViewAugmentation(nn.Module):
         self.register_buffer("std", _as_channel_tensor(std, channels, "std"), persistent=False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        if images.ndim != 4 or images.shape[1] != self.channels:
-            raise ValueError(
-                f"expected a batch of shape (B, {self.channels}, H, W), got {tuple(images.shape)}: "
-                f"convert the images to {self.channels} channel(s) when loading them"
-            )
+        cropped = images.ndim == 5
+        self._check_shape(images, cropped)
         batch = images.shape[0]
         x = to_float_images(images.to(self.mean.device))
-        views = self.shared(x.repeat(self.num_views, 1, 1, 1))  # (V*B, C, S, S), view-major
+        if cropped:  # the crop is the first op of `shared`; the others draw their parameters as they would after it
+            views = self.shared[1:](x.transpose(0, 1).flatten(0, 1))  # (V*B, C, S, S), view-major
+        else:
+            views = self.shared(x.repeat(self.num_views, 1, 1, 1))  # (V*B, C, S, S), view-major
         views = views.clamp_(0, 1)  # bicubic resampling overshoots [0, 1] near edges, as PIL's uint8 output cannot
         views = torch.cat([views[:batch], self.later_views(views[batch:])])
         views = (views - self.mean) / self.std
         views = views.view(self.num_views, batch, self.channels, self.image_size, self.image_size)
         return views.transpose(0, 1).contiguous()
+
+    def _check_shape(self, images: torch.Tensor, cropped: bool) -> None:
+        side, views = self.image_size, self.num_views
+        if cropped and images.shape[1:] != (views, self.channels, side, side):
+            raise ValueError(f"expected cropped views of shape (B, {views}, {self.channels}, {side}, {side}), got "
+                             f"{tuple(images.shape)}")
+        if not cropped and (images.ndim != 4 or images.shape[1] != self.channels):
+            raise ValueError(
+                f"expected a batch of shape (B, {self.channels}, H, W), got {tuple(images.shape)}: "
+                f"convert the images to {self.channels} channel(s) when loading them"
+            )

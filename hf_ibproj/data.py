@@ -7,6 +7,8 @@ installed, else the Hub copy). Two ways to read them:
   - `StreamingImageDataset`: decode row by row in DataLoader workers (datasets that do not).
 Both share `open_image_dataset` (locating the split and its columns) and `decode_image` (one row to a
 uint8 (C, H, W) array, timm's eval resize + center crop), so the two paths give identical pixels.
+A streamed split trains on `FullImageCrops` (random resized crops of each whole image, drawn per sample in the
+workers), optionally read from a `DecodedImageCache` (the images decoded once into memory-mapped files).
 Subsets (max_samples, kNN banks, statistics) come from `stratified_indices`: seeded and class-stratified,
 chosen from the label column alone before any image is decoded. Augmentation lives in `augmentation.py`.
 """
@@ -15,14 +17,17 @@ from __future__ import annotations
 
 import functools
 import gzip
+import hashlib
 import io
 import json
 import logging
 import math
 import os
 import re
+import shutil
 import tempfile
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,8 +38,11 @@ import pyarrow as pa
 import torch
 from PIL import Image
 from timm.data.transforms import str_to_pil_interp
+from torchvision.transforms import v2
 
 from .augmentation import TwoViewAugmentation, to_model_input  # noqa: F401  (re-exported: the data API)
+from .progress import progress_bar
+from .seeding import seeded
 
 logger = logging.getLogger(__name__)
 
@@ -437,9 +445,40 @@ def decode_image(
     image_size the image keeps its size. Raises CorruptImageError when the bytes cannot be decoded, and its subclass
     OversizedImageError for an image over PIL's decompression-bomb limit.
     """
+    check_resize_options(interpolation, crop_pct)
+    image = _decoded_cell(value, channels)
+    if image_size is not None:
+        image = _fit_size(image, image_size, interpolation, crop_pct)
+    return _chw_array(image)
+
+
+def decode_capped(value: Any, channels: int = 3, max_side: int | None = None, interpolation: str = "bicubic"
+                  ) -> np.ndarray:
+    """One image cell -> uint8 array (C, H, W), the WHOLE image: nothing is cropped, so training crops can reach its
+    borders. With `max_side`, an image whose shorter side is longer is first scaled down (aspect ratio kept, as
+    `_fit_size` rounds) to a shorter side of max_side; smaller images keep their size. Raises as `decode_image`."""
+    check_resize_options(interpolation, 1.0)
+    image = _decoded_cell(value, channels)
+    width, height = image.size
+    if max_side is not None and min(width, height) > max_side:
+        if width <= height:
+            size = (max_side, int(max_side * height / width))
+        else:
+            size = (int(max_side * width / height), max_side)
+        image = image.resize(size, str_to_pil_interp(interpolation))
+    return _chw_array(image)
+
+
+def _chw_array(image: Image.Image) -> np.ndarray:
+    pixels = np.asarray(image, dtype=np.uint8)
+    return np.array(pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1), order="C")  # a writable copy
+
+
+def _decoded_cell(value: Any, channels: int) -> Image.Image:
+    """One image cell decoded (not lazily) to a PIL image in mode "L" (channels=1) or "RGB" (channels=3); a file
+    PIL cannot decode raises CorruptImageError, one over its decompression-bomb limit OversizedImageError."""
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels}")
-    check_resize_options(interpolation, crop_pct)
     try:
         image = _open_cell(value)
         image.load()  # PIL decodes lazily: a truncated file fails here, not later in resize or asarray
@@ -452,10 +491,7 @@ def decode_image(
         ) from error
     except (OSError, SyntaxError) as error:  # PIL's errors for broken files
         raise CorruptImageError(f"cannot decode image ({_file_of(value) or 'embedded bytes'}): {error}") from error
-    if image_size is not None:
-        image = _fit_size(image, image_size, interpolation, crop_pct)
-    pixels = np.asarray(image, dtype=np.uint8)
-    return np.array(pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1), order="C")  # a writable copy
+    return image
 
 
 # ---------------------------------------------------------------------------------------------- in memory
@@ -559,8 +595,9 @@ class StreamingImageDataset(torch.utils.data.Dataset):
     be decoded is replaced by the next decodable row (with a warning), so one bad file does not stop a long run,
     and its item says so with skipped=1 (0 otherwise): DataLoader workers are separate processes, so the count
     travels in the batch; summing the batches' third tensor counts the undecodable rows drawn, and `skipped_files`
-    names each such row once (from every worker, through a `SkipLog`). Batches then go through
-    `TwoViewAugmentation` on the training device. `labels` reads the label column alone, for `stratified_indices`.
+    names each such row once (from every worker, through a `SkipLog`). These center-fitted items are what
+    evaluation reads; training reads `FullImageCrops` of the split. `labels` reads the label column alone, for
+    `stratified_indices`.
     """
 
     def __init__(
@@ -619,17 +656,178 @@ class StreamingImageDataset(torch.utils.data.Dataset):
         return self.skip_log.records()
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
+        pixels, label, skipped = self.first_decodable(index, self._fitted_row)
+        return torch.from_numpy(pixels), label, skipped
+
+    def _fitted_row(self, position: int) -> tuple[np.ndarray, int]:
+        row = self.dataset[position]
+        pixels = decode_image(row[self.image_column], self.channels, self.image_size, self.interpolation, self.crop_pct)
+        return pixels, NO_LABEL if self.label_column is None else int(row[self.label_column])
+
+    def first_decodable(self, index: int, read: Callable[[int], tuple[np.ndarray, int]]) -> tuple[np.ndarray, int, int]:
+        """(pixels, label, skipped) of `read(index)`, where `read(row)` -> (pixels, label) raises CorruptImageError
+        for an undecodable row: such a row is logged and replaced by the next one that reads (skipped=1)."""
         for offset in range(len(self)):
             position = (index + offset) % len(self)
-            row = self.dataset[position]
             try:
-                pixels = decode_image(
-                    row[self.image_column], self.channels, self.image_size, self.interpolation, self.crop_pct
-                )
+                pixels, label = read(position)
             except CorruptImageError as error:
                 logger.warning("row %d: %s; using the next row instead", position, error)
-                self.skip_log.add(skip_record(position, row[self.image_column], error))
+                self.skip_log.add(skip_record(position, self.dataset[position][self.image_column], error))
                 continue
-            label = NO_LABEL if self.label_column is None else int(row[self.label_column])
-            return torch.from_numpy(pixels), label, int(offset > 0)
+            return pixels, label, int(offset > 0)
         raise ValueError("no image in this dataset could be decoded: check the files")
+
+
+# ------------------------------------------------------------------------------ training crops of whole images
+
+
+class FullImageCrops(torch.utils.data.Dataset):
+    """The training items of a per-sample split: `num_views` random resized crops of each WHOLE image.
+
+    docs/method.md section 6's crop (area crop_min_scale-1, aspect ratio 3/4-4/3, bicubic) is drawn per sample in the
+    DataLoader worker by torchvision's RandomResizedCrop (antialiased) on the image as decoded (`decode_capped`), not on
+    `decode_image`'s center square, so crops reach the image's borders and keep its resolution, as the paper's code
+    crops. Items are (uint8 views (V, C, image_size, image_size), label, skipped), rows replaced as `stream` replaces
+    them; `TwoViewAugmentation` applies the rest of the recipe to such (B, V, C, S, S) batches without cropping
+    again. Images come from `cache` (a `DecodedImageCache`) when given, else are decoded per sample, with their
+    shorter side capped at `max_side` (None: full resolution). Each view's crop is seeded by (seed, epoch, row), so
+    the crops do not depend on the number of workers or processes, nor on a resume; set `epoch` before each pass.
+    """
+
+    def __init__(self, stream: StreamingImageDataset, image_size: int, num_views: int, crop_min_scale: float,
+                 seed: int, *, max_side: int | None = None, cache: DecodedImageCache | None = None) -> None:
+        self.stream, self.num_views, self.seed, self.epoch = stream, num_views, seed, 0
+        self.max_side, self.cache = max_side, cache
+        self.crop = v2.RandomResizedCrop(image_size, scale=(crop_min_scale, 1.0),
+                                         interpolation=v2.InterpolationMode.BICUBIC)
+
+    def __len__(self) -> int:
+        return len(self.stream)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
+        pixels, label, skipped = self.stream.first_decodable(index, self._whole_image)
+        image = torch.from_numpy(pixels)  # cropped as a uint8 tensor: ~3x faster than through a PIL image
+        with seeded((self.seed * 1_000_003 + self.epoch) * 1_000_003 + index):
+            return torch.stack([self.crop(image) for _ in range(self.num_views)]), label, skipped
+
+    def _whole_image(self, position: int) -> tuple[np.ndarray, int]:
+        stream = self.stream
+        if self.cache is not None:  # the label column alone: reading the row would read the encoded image too
+            return self.cache.image(position), NO_LABEL if stream.labels is None else int(stream.labels[position])
+        row = stream.dataset[position]
+        pixels = decode_capped(row[stream.image_column], stream.channels, self.max_side, stream.interpolation)
+        return pixels, NO_LABEL if stream.label_column is None else int(row[stream.label_column])
+
+
+CACHE_FORMAT = 1  # bumped when the layout or decode_capped's output changes, so old caches are not read
+CHUNKS_PER_WORKER = 8  # cache chunks per building worker: a slow chunk does not leave the others idle for long
+
+
+def decoded_cache_root() -> Path:
+    """Where decoded caches are kept: beside datasets' own cache (HF_DATASETS_CACHE, HF_HOME)."""
+    return Path(datasets.config.HF_DATASETS_CACHE) / "hf_ibproj-decoded"
+
+
+class DecodedImageCache:
+    """Every image of a per-sample split decoded once by `decode_capped` (shorter side at most `side`) into
+    memory-mapped uint8 files, read back byte for byte as decoding would give them, and reused by later runs.
+
+    Shorter side capped rather than a fixed S x S square: a square keeps the borders only by stretching the image,
+    and the crop's aspect-ratio range would then be drawn on stretched pixels; a capped shorter side keeps the
+    file's geometry, so crops are those of the whole image at (at most) that resolution. A crop of area fraction a
+    spans about side x sqrt(a) px, upsampled to the training size when fewer: the cap trades that resolution
+    (ImageNet's shorter sides are mostly 333-500 px) against space, about 3 x side^2 x aspect bytes per image
+    (ImageNet-100 at 256: ~30 GB; at 384: ~70 GB).
+    The folder's name hashes what was cached (the split's `datasets` fingerprint, which follows its files and row
+    selection, rows, image column, side, channels, interpolation, CACHE_FORMAT), so a change builds a new cache.
+    It holds chunk-K.u8 (rows K*R.. back to back, (C, H, W) C-order), index.npy (int64 (N, 3): offset in its chunk,
+    height, width) and meta.json (the description, R, and the rows that could not be decoded with their errors).
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.meta = json.loads((folder / "meta.json").read_text())
+        self.index = np.load(folder / "index.npy")
+        self.chunks: dict[int, np.memmap] = {}  # opened on first read, in each process
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "chunks": {}}  # a pickled memmap would copy its file (spawned DataLoader workers)
+
+    @classmethod
+    def open_or_build(cls, stream: StreamingImageDataset, side: int, num_workers: int = 0,
+                      root: Path | None = None) -> DecodedImageCache:
+        """The cache of `stream`'s images at `side`, built first (in `num_workers` DataLoader workers) if absent."""
+        description = {"fingerprint": stream.dataset._fingerprint, "rows": len(stream), "side": side,
+                       "image_column": stream.image_column, "channels": stream.channels,
+                       "interpolation": stream.interpolation, "format": CACHE_FORMAT}
+        key = hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:24]
+        folder = (root or decoded_cache_root()) / key
+        if not (folder / "meta.json").is_file():
+            _build_cache(stream, description, folder, num_workers)
+        return cls(folder)
+
+    def image(self, row: int) -> np.ndarray:
+        """Row `row`'s uint8 (C, H, W) image; CorruptImageError / OversizedImageError as decoding raised it."""
+        failure = self.meta["failed"].get(str(row))
+        if failure is not None:
+            raise (OversizedImageError if failure["oversized"] else CorruptImageError)(failure["error"])
+        chunk = row // self.meta["rows_per_chunk"]
+        if chunk not in self.chunks:
+            self.chunks[chunk] = np.memmap(self.folder / f"chunk-{chunk:06d}.u8", dtype=np.uint8, mode="r")
+        offset, height, width = (int(v) for v in self.index[row])
+        size = self.meta["channels"] * height * width
+        return np.array(self.chunks[chunk][offset:offset + size]).reshape(-1, height, width)
+
+
+class _CacheChunk(torch.utils.data.Dataset):
+    """Item K decodes rows K*R.. of `stream` into `folder`/chunk-K.u8: (first row, int64 (rows, 3) index, failures)."""
+
+    def __init__(self, stream: StreamingImageDataset, side: int, folder: Path, rows_per_chunk: int) -> None:
+        self.stream, self.side, self.folder, self.rows_per_chunk = stream, side, folder, rows_per_chunk
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.stream) / self.rows_per_chunk)
+
+    def __getitem__(self, chunk: int) -> tuple[int, np.ndarray, dict]:
+        stream = self.stream
+        start = chunk * self.rows_per_chunk
+        rows = range(start, min(start + self.rows_per_chunk, len(stream)))
+        index, failed, offset = np.zeros((len(rows), 3), dtype=np.int64), {}, 0
+        with (self.folder / f"chunk-{chunk:06d}.u8").open("wb") as out:
+            for row in rows:
+                try:
+                    pixels = decode_capped(stream.dataset[row][stream.image_column], stream.channels, self.side,
+                                           stream.interpolation)
+                except CorruptImageError as error:
+                    failed[str(row)] = {"oversized": isinstance(error, OversizedImageError), "error": str(error)}
+                    continue
+                out.write(pixels.tobytes())
+                index[row - start] = (offset, *pixels.shape[1:])
+                offset += pixels.size
+        return start, index, failed
+
+
+def _build_cache(stream: StreamingImageDataset, description: dict, folder: Path, num_workers: int) -> None:
+    """Decode `stream` into a staging folder in parallel, then rename it to `folder` (a half-built cache is never
+    read: a run stopped mid-build leaves only the staging folder, rebuilt next time)."""
+    rows_per_chunk = max(1, math.ceil(len(stream) / (max(num_workers, 1) * CHUNKS_PER_WORKER)))
+    staging = folder.with_name(f".{folder.name}.{os.getpid()}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    chunks = _CacheChunk(stream, description["side"], staging, rows_per_chunk)
+    index, failed = np.zeros((len(stream), 3), dtype=np.int64), {}
+    loader = torch.utils.data.DataLoader(chunks, batch_size=None, num_workers=num_workers)  # chunks in any order
+    for start, chunk_index, chunk_failed in progress_bar(loader, desc=f"decoding to {folder}", unit="chunk"):
+        index[start:start + len(chunk_index)] = chunk_index.numpy()
+        failed.update(chunk_failed)
+    np.save(staging / "index.npy", index)
+    (staging / "meta.json").write_text(json.dumps({**description, "rows_per_chunk": rows_per_chunk,
+                                                   "failed": failed}, indent=1))
+    try:
+        staging.rename(folder)
+    except OSError:  # another process finished the same cache first: use that one
+        shutil.rmtree(staging, ignore_errors=True)

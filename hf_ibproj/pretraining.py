@@ -35,7 +35,7 @@ from transformers import get_cosine_schedule_with_warmup
 from .arguments import refuse_resume_changes
 from .augmentation import TwoViewAugmentation, to_model_input
 from .budget import TimeBudget, evaluation_estimate, planned_warmup, revised_estimate
-from .data import ImageData
+from .data import FullImageCrops, ImageData
 from .evaluation import format_table
 from .export import export_backbone
 from .hub import PushError, check_push_access, download_run_checkpoint, push_checkpoint, push_to_hub
@@ -45,7 +45,16 @@ from .progress import progress_bar
 from .precision import resolve_mixed_precision
 from .checkpoints import MODEL_WEIGHTS, TRAINING_STATE, latest_checkpoint, load_checkpoint, save_checkpoint
 from .runs import RunFolder, hardware_summary, library_versions
-from .splits import SplitData, SplitScorer, channel_statistics, images_of, labels_of, load_splits, subset
+from .splits import (
+    SplitData,
+    SplitScorer,
+    channel_statistics,
+    images_of,
+    labels_of,
+    load_splits,
+    subset,
+    training_crops,
+)
 from .train_config import RESUMABLE_FIELDS, TrainConfig, read_run_config
 
 STREAMING_EVAL_TRAIN_SAMPLES = 20000  # final_eval_train_samples when streaming and unset
@@ -100,6 +109,7 @@ class Run:
     progress: TrainingProgress
     steps_per_epoch: int
     started_at: float
+    train_views: FullImageCrops | None = None  # a per-sample split's training items (crops of whole images)
     diagnostic_images: torch.Tensor | None = None
     random_init: dict | None = None
     budget: TimeBudget | None = None
@@ -347,10 +357,11 @@ def last_finite_checkpoint(folder: RunFolder) -> Path | None:
 
 
 def epoch_batches(run: Run):
-    """(uint8 images on the device, labels or None, images skipped as corrupt) for the rest of the current epoch.
+    """(uint8 images on the device, labels or None, images skipped as corrupt) for the rest of the current epoch:
+    (B, C, H, W) images in memory, (B, V, C, S, S) crops of whole images for a per-sample split (`FullImageCrops`).
 
-    The epoch's order is a function of (seed, epoch), sharded over the processes, so a resumed run sees the same
-    batches as an uninterrupted one."""
+    The epoch's order, and a per-sample split's crops, are a function of (seed, epoch), sharded over the processes,
+    so a resumed run sees the same batches as an uninterrupted one."""
     config, accelerator, device = run.config, run.accelerator, run.accelerator.device
     epoch, start_step = divmod(run.progress.step, run.steps_per_epoch)
     micro_batches = run.steps_per_epoch * config.gradient_accumulation_steps
@@ -363,7 +374,8 @@ def epoch_batches(run: Run):
             labels = run.train.labels[indices].to(device) if run.train.labels is not None else None
             yield run.train.images[indices].to(device, non_blocking=True), labels, 0
         return
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(run.train, order.flatten().tolist()),
+    run.train_views.epoch = epoch  # before the workers start: they copy the dataset
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(run.train_views, order.flatten().tolist()),
                                          batch_size=config.batch_size, num_workers=config.num_workers,
                                          pin_memory=device.type == "cuda", generator=generator)
     for images, labels, skipped in loader:
@@ -519,6 +531,7 @@ def start_run(config: TrainConfig, folder: RunFolder, resume: bool, started_at: 
             accelerator.print(f"skipped {train.skipped} unreadable or oversized image(s) in "
                               f"{config.dataset}:{config.train_split} (named in run_info.json)")
         mean, std = channel_statistics(train, config.seed, config.num_workers)
+        train_views = training_crops(train, config, accelerator.local_main_process_first)
 
         torch.manual_seed(config.seed)  # identical initial weights on every process and every run of a seed
         model_config = config.model_config()
@@ -544,7 +557,7 @@ def start_run(config: TrainConfig, folder: RunFolder, resume: bool, started_at: 
         model, probe, optimizer = accelerator.prepare(model, probe, optimizer)
         run = Run(config, folder, accelerator, model, probe, optimizer, augment, train, held_out,
                   SplitScorer(train, held_out, mean, std, config.seed, config.num_workers),
-                  initial_progress(config, steps_per_epoch), steps_per_epoch, started_at)
+                  initial_progress(config, steps_per_epoch), steps_per_epoch, started_at, train_views)
         budget_state = restore_checkpoint(run) if resume else None
     except BaseException:
         if not resume and process_state().is_main_process and not folder.entries():

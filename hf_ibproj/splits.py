@@ -12,7 +12,8 @@ from collections.abc import Iterator
 
 import torch
 
-from .data import ImageData, StreamingImageDataset, load_image_data, stratified_indices
+from .data import (DecodedImageCache, FullImageCrops, ImageData, StreamingImageDataset, load_image_data,
+                   stratified_indices)
 from .diagnostics import label_free_diagnostics
 from .evaluation import evaluate_features, extract_dataset_features, extract_features, knn_accuracy
 
@@ -58,6 +59,20 @@ def load_splits(config, main_process_first) -> tuple[SplitData, SplitData | None
         held_out, note = _scorable(held_out, f"the --eval-split {config.eval_split!r} split of {config.dataset}",
                                    "the kNN monitor and the frozen-backbone evaluation")
     return train, held_out, note
+
+
+def training_crops(train: SplitData, config, main_process_first) -> FullImageCrops | None:
+    """What the loop trains on for a per-sample split: crops of each whole image (`FullImageCrops`), read from the
+    decoded cache `config.decoded_cache_side` asks for (built once per node, by the process `main_process_first`
+    lets go first); None for an in-memory split, which `TwoViewAugmentation` crops on the device. Evaluation reads
+    the split itself: center-fitted images."""
+    if isinstance(train, ImageData):
+        return None
+    cache = None
+    if config.decoded_cache_side is not None:
+        with main_process_first():
+            cache = DecodedImageCache.open_or_build(train, config.decoded_cache_side, config.num_workers)
+    return FullImageCrops(train, config.image_size, config.num_views, config.crop_min_scale, config.seed, cache=cache)
 
 
 def _scorable(split: SplitData, name: str, uses: str) -> tuple[SplitData, str | None]:

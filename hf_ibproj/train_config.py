@@ -114,6 +114,10 @@ class TrainConfig(ModelSettings):
         None, "training images of the final linear probe / kNN (stratified; default: all, 20000 when streaming)")
     streaming: bool = _arg(False, "decode per sample in DataLoader workers (datasets that do not fit in memory)")
     num_workers: int = _arg(2, "DataLoader workers per process (streaming)")
+    decoded_cache_side: int | None = _arg(
+        None, "streaming: decode the training images once into a memory-mapped uint8 cache (beside the datasets "
+              "cache, reused by later runs), their shorter side capped at this many pixels (>= --image-size; e.g. "
+              "256 for 224 px), and crop from it; none: decode every sample from its file at full resolution")
     augmentation: str | None = _arg(None, "augmentation recipe, simclr or barlow_twins (default: the objective's)")
     crop_min_scale: float = _arg(CROP_MIN_SCALE, "smallest area fraction of the random resized crop (docs/method.md "
                                                  "section 6); larger is a weaker augmentation")
@@ -200,6 +204,10 @@ class TrainConfig(ModelSettings):
             raise ValueError(f"--backbone-kwargs sets in_chans: {in_chans} but --channels is {self.channels} (images "
                              "are converted to --channels, which also sets in_chans); drop in_chans from "
                              f"--backbone-kwargs, or pass --channels {in_chans}.")
+        if self.decoded_cache_side is not None and not (self.streaming and self.decoded_cache_side >= self.image_size):
+            raise ValueError(f"--decoded-cache-side {self.decoded_cache_side} caches the streamed training images "
+                             f"for crops of --image-size {self.image_size}: it needs --streaming and a side of at "
+                             "least the image size (in-memory datasets are decoded once already).")
         if self.augmentation_preset == "simclr" and self.blur_kernel_size is None:
             smallest = default_blur_kernel_size(self.image_size) // 2 + 1  # reflect padding needs pad < side
             if self.image_size < smallest:

@@ -235,6 +235,19 @@ def test_eval_speed_smoke(tmp_path):
     assert 0 <= figures["linear"]["top1"] <= 100 and figures["total_s"] > 0
 
 
+def test_decode_speed_smoke(tmp_path):
+    report = tmp_path / "decode_speed.json"
+    output = run_smoke("decode_speed.py", "--output", str(report))
+    figures = json.loads(report.read_text())
+    assert figures["images"] == 12 and figures["side"] == 256 and figures["cache_mb"] > 0
+    for name in ("on-the-fly, full", "on-the-fly, capped"):  # the printed ratios are those of the printed rates
+        printed = re.search(rf"^cache / {name}: decode ([\d.]+)x, item ([\d.]+)x", output, re.M).groups()
+        rates = [figures["rates_per_worker"][mode][key] for mode in ("cache", name)
+                 for key in ("decode_img_per_s", "item_img_per_s")]
+        assert float(printed[0]) == pytest.approx(rates[0] / rates[2], abs=0.006)
+        assert float(printed[1]) == pytest.approx(rates[1] / rates[3], abs=0.006)
+
+
 def test_peer_accuracy_smoke(tmp_path):
     pytest.importorskip("lightly")
     import numpy as np
