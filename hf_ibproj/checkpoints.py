@@ -36,6 +36,7 @@ OPTIMIZER_STATE = "optimizer.json"  # optimizers, lr schedulers, fp16 loss scale
 OPTIMIZER_TENSORS = "optimizer.safetensors"
 RANDOM_STATES = "random_states_{}.json"  # one per process: python, numpy, torch CPU and CUDA generators
 _TENSOR = "__tensor__"  # {"__tensor__": NAME} in optimizer.json stands for the tensor NAME of optimizer.safetensors
+DAMAGED_PREFIX = "damaged-"  # a checkpoint a resume found damaged, renamed out of the rotation
 _CHECKPOINT_NAME = re.compile(rf"{re.escape(CHECKPOINT_PREFIX)}(\d+)")
 
 
@@ -128,9 +129,10 @@ def load_checkpoint(accelerator: Any, output_dir: Path) -> tuple[Path, dict[str,
     process's random states; returns the checkpoint and its training_state.json.
 
     Every file is read (and so checked) before anything is restored. A checkpoint with a missing or unreadable
-    file is skipped with one line naming the file; DamagedFileError (a ValueError) names it when no checkpoint is
-    intact, and ValueError names a file that does not fit the run. Every process decides alike (each reads all
-    processes' random states). Nothing is unpickled.
+    file is skipped with one line naming the file and renamed DAMAGED_PREFIX + its name (kept for inspection, out of
+    the rotation: the checkpoints written next would otherwise count it as newer and delete themselves); DamagedFileError
+    (a ValueError) names it when no checkpoint is intact, and ValueError names a file that does not fit the run. Every
+    process decides alike (each reads all processes' random states). Nothing is unpickled.
     """
     damaged: list[DamagedFileError] = []
     for checkpoint in reversed(checkpoint_dirs(output_dir)):
@@ -140,7 +142,12 @@ def load_checkpoint(accelerator: Any, output_dir: Path) -> tuple[Path, dict[str,
             damaged.append(error)
             continue
         for error in damaged:
-            accelerator.print(f"warning: {error}; skipping {error.checkpoint.name}, resuming from {checkpoint.name}")
+            accelerator.print(f"warning: {error}; skipping {error.checkpoint.name} (renamed "
+                              f"{DAMAGED_PREFIX}{error.checkpoint.name}), resuming from {checkpoint.name}")
+        accelerator.wait_for_everyone()  # every process has chosen before the damaged ones are moved aside
+        if accelerator.is_main_process:
+            for error in damaged:
+                os.replace(error.checkpoint, error.checkpoint.with_name(DAMAGED_PREFIX + error.checkpoint.name))
         _restore(accelerator, checkpoint, contents)
         return checkpoint, contents[TRAINING_STATE]
     if not damaged:
@@ -249,8 +256,8 @@ def _random_states() -> dict[str, Any]:
     states = {"python": [version, list(internal), gauss],
               "numpy": [kind, keys.tolist(), position, has_gauss, cached],
               "torch": torch.get_rng_state().tolist()}
-    if torch.cuda.is_available():
-        states["cuda"] = [state.tolist() for state in torch.cuda.get_rng_state_all()]
+    if torch.cuda.is_available():  # this process's device only: another CUDA_VISIBLE_DEVICES still fits
+        states["cuda"] = torch.cuda.get_rng_state().tolist()
     return states
 
 
@@ -261,4 +268,4 @@ def _set_random_states(states: dict[str, Any]) -> None:
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), position, has_gauss, cached))
     torch.set_rng_state(torch.tensor(states["torch"], dtype=torch.uint8))
     if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([torch.tensor(state, dtype=torch.uint8) for state in states["cuda"]])
+        torch.cuda.set_rng_state(torch.tensor(states["cuda"], dtype=torch.uint8))

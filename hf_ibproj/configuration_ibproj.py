@@ -144,7 +144,7 @@ class IBProjConfig(PreTrainedConfig):
 # Saved folders carry this file and config.json's auto_map, so AutoConfig loads them with trust_remote_code=True
 # where hf_ibproj is not installed.
 IBProjConfig.register_for_auto_class()
-# Where hf_ibproj is imported, AutoConfig reads those folders without remote code.
+# Once this module is imported, AutoConfig reads those folders without remote code (AutoModel: modeling_ibproj).
 AutoConfig.register(IBProjConfig.model_type, IBProjConfig, exist_ok=True)
 
 

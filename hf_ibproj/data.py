@@ -25,6 +25,7 @@ import math
 import os
 import re
 import shutil
+import socket
 import tempfile
 import weakref
 from collections.abc import Callable
@@ -42,7 +43,8 @@ from torchvision.transforms import v2
 
 from .augmentation import TwoViewAugmentation, to_model_input  # noqa: F401  (re-exported: the data API)
 from .progress import progress_bar
-from .seeding import seeded
+from .runs import process_alive
+from .seeding import sample_seed, seeded
 
 logger = logging.getLogger(__name__)
 
@@ -708,7 +710,7 @@ class FullImageCrops(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
         pixels, label, skipped = self.stream.first_decodable(index, self._whole_image)
         image = torch.from_numpy(pixels)  # cropped as a uint8 tensor: ~3x faster than through a PIL image
-        with seeded((self.seed * 1_000_003 + self.epoch) * 1_000_003 + index):
+        with seeded(sample_seed(self.seed, self.epoch, index)):
             return torch.stack([self.crop(image) for _ in range(self.num_views)]), label, skipped
 
     def _whole_image(self, position: int) -> tuple[np.ndarray, int]:
@@ -763,7 +765,8 @@ class DecodedImageCache:
         """The cache of `stream`'s images at `side`, built first (in `num_workers` DataLoader workers) if absent."""
         description = {"fingerprint": stream.dataset._fingerprint, "rows": len(stream), "side": side,
                        "image_column": stream.image_column, "channels": stream.channels,
-                       "interpolation": stream.interpolation, "format": CACHE_FORMAT}
+                       "interpolation": stream.interpolation, "format": CACHE_FORMAT,
+                       "max_image_pixels": Image.MAX_IMAGE_PIXELS}  # a raised limit decodes what was refused
         key = hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:24]
         folder = (root or decoded_cache_root()) / key
         if not (folder / "meta.json").is_file():
@@ -812,22 +815,37 @@ class _CacheChunk(torch.utils.data.Dataset):
 
 
 def _build_cache(stream: StreamingImageDataset, description: dict, folder: Path, num_workers: int) -> None:
-    """Decode `stream` into a staging folder in parallel, then rename it to `folder` (a half-built cache is never
-    read: a run stopped mid-build leaves only the staging folder, rebuilt next time)."""
+    """Decode `stream` into a staging folder of this host and process in parallel, then rename it to `folder`: a
+    half-built cache is never read. A build that fails removes its staging folder; one killed midway leaves it, and
+    the next build on the same host removes it (its process is gone). Builders on several nodes sharing the cache
+    folder each build; the first rename wins and the others use its cache."""
     rows_per_chunk = max(1, math.ceil(len(stream) / (max(num_workers, 1) * CHUNKS_PER_WORKER)))
-    staging = folder.with_name(f".{folder.name}.{os.getpid()}.partial")
+    host = socket.gethostname()
+    stale = re.compile(rf"\.{re.escape(folder.name)}\.{re.escape(host)}-(\d+)\.partial")
+    if folder.parent.is_dir():
+        for other in folder.parent.iterdir():
+            match = stale.fullmatch(other.name)
+            if match and not process_alive(int(match.group(1))):
+                shutil.rmtree(other, ignore_errors=True)
+    staging = folder.with_name(f".{folder.name}.{host}-{os.getpid()}.partial")
     shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    chunks = _CacheChunk(stream, description["side"], staging, rows_per_chunk)
-    index, failed = np.zeros((len(stream), 3), dtype=np.int64), {}
-    loader = torch.utils.data.DataLoader(chunks, batch_size=None, num_workers=num_workers)  # chunks in any order
-    for start, chunk_index, chunk_failed in progress_bar(loader, desc=f"decoding to {folder}", unit="chunk"):
-        index[start:start + len(chunk_index)] = chunk_index.numpy()
-        failed.update(chunk_failed)
-    np.save(staging / "index.npy", index)
-    (staging / "meta.json").write_text(json.dumps({**description, "rows_per_chunk": rows_per_chunk,
-                                                   "failed": failed}, indent=1))
+    try:
+        staging.mkdir(parents=True)
+        chunks = _CacheChunk(stream, description["side"], staging, rows_per_chunk)
+        index, failed = np.zeros((len(stream), 3), dtype=np.int64), {}
+        loader = torch.utils.data.DataLoader(chunks, batch_size=None, num_workers=num_workers)  # chunks in any order
+        for start, chunk_index, chunk_failed in progress_bar(loader, desc=f"decoding to {folder}", unit="chunk"):
+            index[start:start + len(chunk_index)] = chunk_index.numpy()
+            failed.update(chunk_failed)
+        np.save(staging / "index.npy", index)
+        (staging / "meta.json").write_text(json.dumps({**description, "rows_per_chunk": rows_per_chunk,
+                                                       "failed": failed}, indent=1))
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     try:
         staging.rename(folder)
-    except OSError:  # another process finished the same cache first: use that one
+    except OSError:
         shutil.rmtree(staging, ignore_errors=True)
+        if not (folder / "meta.json").is_file():  # not another builder's finished cache: a real failure
+            raise

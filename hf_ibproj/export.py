@@ -21,7 +21,7 @@ from . import modeling_small_resnet as small_resnet
 from .backbones import SMALL_RESNETS, create_backbone
 from .cards import backbone_card
 from .modeling_ibproj import IBProjModel
-from .runs import RunFolder
+from .runs import RunFolder, process_alive
 from .sources import ibproj_data_config, is_exported_folder, load_source
 
 # pretrained_cfg keys that describe the exported weights themselves. Everything else timm copies from the base
@@ -79,18 +79,8 @@ def _remove_stale_staging(out_dir: Path) -> None:
     staging_name = re.compile(rf"\.{re.escape(out_dir.name)}\.staging-(\d+)-[a-z0-9_]+")
     for folder in out_dir.parent.iterdir():
         match = staging_name.fullmatch(folder.name)
-        if match and folder.is_dir() and not _process_alive(int(match.group(1))):
+        if match and folder.is_dir() and not process_alive(int(match.group(1))):
             shutil.rmtree(folder, ignore_errors=True)
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        pass
-    return True
 
 
 def _apply_umask(folder: Path) -> None:

@@ -53,7 +53,7 @@ from .precision import resolve_mixed_precision
 from .progress import progress_bar
 from .checkpoints import CHECKPOINTS, checkpoint_step, latest_checkpoint, load_checkpoint, save_checkpoint
 from .runs import write_json
-from .seeding import seeded
+from .seeding import sample_seed, seeded
 from .sources import Source, resolve_source
 
 ARGUMENTS_FILE = "finetune_args.json"  # the arguments of the run in OUTPUT_DIR, checked by --resume
@@ -75,7 +75,7 @@ class SeededTransformSplit(Dataset):
 
     def __getitem__(self, position: int) -> tuple[torch.Tensor, int]:
         image, label = self.split.dataset[int(self.split.indices[position])][:2]
-        with seeded((self.seed * 1_000_003 + self.epoch) * 1_000_003 + position):
+        with seeded(sample_seed(self.seed, self.epoch, position)):
             return self.transform(image), label
 
 

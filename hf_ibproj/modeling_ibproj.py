@@ -150,7 +150,7 @@ class IBProjModel(IBProjPreTrainedModel):
 # save_pretrained copies this file and its relative imports next to the weights and records them in config.json's
 # auto_map, so `AutoModel.from_pretrained(folder_or_repo, trust_remote_code=True)` works without hf_ibproj.
 IBProjModel.register_for_auto_class("AutoModel")
-AutoModel.register(IBProjConfig, IBProjModel, exist_ok=True)  # where hf_ibproj is imported: no remote code needed
+AutoModel.register(IBProjConfig, IBProjModel, exist_ok=True)  # once this module is imported: no remote code needed
 
 
 def _stack_views(pixel_values: torch.Tensor | list[torch.Tensor] | tuple[torch.Tensor, ...]) -> torch.Tensor:

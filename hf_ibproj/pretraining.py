@@ -44,7 +44,7 @@ from .plotting import plot_information_plane
 from .progress import progress_bar
 from .precision import resolve_mixed_precision
 from .checkpoints import MODEL_WEIGHTS, TRAINING_STATE, latest_checkpoint, load_checkpoint, save_checkpoint
-from .runs import RunFolder, hardware_summary, library_versions
+from .runs import RunFolder, RunFolderInUseError, hardware_summary, library_versions
 from .splits import (
     SplitData,
     SplitScorer,
@@ -161,10 +161,10 @@ def pretrain(config: TrainConfig, *, resume: bool = False, started_at: float | N
     folder = resolve_run_folder(config, resume)
     if resume:  # as --resume: nothing that would change the stored run (TrainConfig.from_run gives its settings)
         refuse_resume_changes(folder.read_config(), config.to_dict(), RESUMABLE_FIELDS, folder.path)
-    with folder.lock() if state.is_main_process else contextlib.nullcontext():  # one run writes to a folder
+    with run_folder_lock(folder, state):  # one run writes to a folder
         if config.overwrite_output_dir and state.is_main_process:
             folder.clear()
-        with named_timeout(config.ddp_timeout):
+        with named_timeout():
             run = start_run(config, folder, resume, started_at)
             try:
                 train_loop(run)
@@ -177,6 +177,24 @@ def pretrain(config: TrainConfig, *, resume: bool = False, started_at: float | N
     return PretrainResult(run.folder.path, run.unwrapped, final_eval)
 
 
+@contextlib.contextmanager
+def run_folder_lock(folder: RunFolder, state: PartialState):
+    """The folder's lock (RunFolder.lock), taken by the main process; every process learns whether it was refused,
+    so that all of them stop at once instead of the others waiting for the main one at their first collective."""
+    with contextlib.ExitStack() as held:
+        refusal = None
+        if state.is_main_process:
+            try:
+                held.enter_context(folder.lock())
+            except RunFolderInUseError as error:
+                refusal = str(error)
+        if state.num_processes > 1:
+            refusal = broadcast_object_list([refusal])[0]
+        if refusal is not None:
+            raise RunFolderInUseError(refusal)
+        yield
+
+
 def process_state(timeout_s: float | None = None) -> PartialState:
     """accelerate's process state; on a machine without CUDA, CPU processes (one gloo group under `accelerate
     launch --multi_gpu`, where a plain state would start independent runs). The first call creates the process
@@ -186,7 +204,7 @@ def process_state(timeout_s: float | None = None) -> PartialState:
 
 
 @contextlib.contextmanager
-def named_timeout(timeout_s: float):
+def named_timeout():
     """A collective that timed out (gloo raises a RuntimeError saying so) as one line naming --ddp-timeout. Under
     NCCL the watchdog ends the process itself, with its own message."""
     try:
@@ -194,10 +212,12 @@ def named_timeout(timeout_s: float):
     except RuntimeError as error:
         if "timed out" not in str(error).lower():
             raise
+        reported = str(error).strip().splitlines()[0][-120:]  # the backend's own words, with the timeout in force
         raise ProcessGroupTimeoutError(
-            f"process {PartialState().process_index} waited more than --ddp-timeout {timeout_s:g} s for the other "
-            "processes (the main process prepares the dataset and evaluates the random-init floor alone); raise "
-            "--ddp-timeout, or prepare the dataset once beforehand."
+            f"process {PartialState().process_index} timed out waiting for the other processes ({reported}); the "
+            "main process prepares the dataset and evaluates the random-init floor alone. Raise --ddp-timeout (it "
+            "takes effect where the process group is created: the first pretrain call of a process), or prepare the "
+            "dataset once beforehand."
         ) from error
 
 

@@ -164,6 +164,17 @@ class RunFolder:
         write_json(self.final_eval_file, result)
 
 
+def process_alive(pid: int) -> bool:
+    """Whether a process of this machine with this PID runs (whose staging folder or lock is then not stale)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        pass
+    return True
+
+
 def library_versions() -> dict[str, str]:
     versions = {"python": platform.python_version()}
     for name in _PACKAGES:

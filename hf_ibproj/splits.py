@@ -117,8 +117,9 @@ def image_batches(split: SplitData, indices: torch.Tensor, num_workers: int) -> 
     if isinstance(split, ImageData):
         yield split.images[indices]
         return
+    # its own generator: the workers' seeds are not drawn from the global one, which the training stream uses
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(split, indices.tolist()), batch_size=256,
-                                         num_workers=num_workers)
+                                         num_workers=num_workers, generator=torch.Generator())
     for images, *_ in loader:
         yield images
 

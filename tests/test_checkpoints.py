@@ -177,8 +177,12 @@ def test_a_truncated_or_missing_model_file_falls_back_to_the_previous_checkpoint
     printed = capsys.readouterr().out
     assert printed.count("\n") == 1 and f"{weights} {problem}" in printed and "step_00000002" in printed
     assert trainer.train(2) == losses[2]
+    # the damaged checkpoint is kept under another name, out of the rotation: checkpoints written after the resume
+    # (steps 3, 4, ...) would otherwise count it as the newest and delete themselves
+    assert sorted(p.name for p in (folder / "checkpoints").iterdir()) == ["damaged-step_00000004", "step_00000002"]
 
-    damage(folder / "checkpoints" / "step_00000002" / "model.safetensors")  # none intact: one line, the newest named
+    weights = folder / "checkpoints" / "step_00000002" / "model.safetensors"
+    damage(weights)  # none intact: one line naming the damaged file
     one_line = rf"^{re.escape(str(weights))} {problem}.*no other checkpoint.*is intact[^\n]*$"
     with pytest.raises(DamagedFileError, match=one_line):
         load_checkpoint(Trainer().accelerator, folder)
