@@ -129,8 +129,9 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, accelerator: Accelerato
 # --------------------------------------------------------------------------------------------- run folder
 
 
-def check_output_dir(args: FinetuneArguments) -> Path | None:
-    """The checkpoint to resume from (None: a fresh run); refuses to overwrite a run or to resume a different one."""
+def check_output_dir(args: FinetuneArguments, num_processes: int) -> Path | None:
+    """The checkpoint to resume from (None: a fresh run); refuses to overwrite a run or to resume a different one,
+    also with another process count (the batches per step and the epoch's sharding would change)."""
     output_dir = Path(args.output_dir)
     checkpoint = latest_checkpoint(output_dir)
     if not args.resume:
@@ -142,6 +143,10 @@ def check_output_dir(args: FinetuneArguments) -> Path | None:
         raise FileNotFoundError(f"--resume: {output_dir} has no checkpoint to resume from; check --output-dir.")
     saved = json.loads((output_dir / ARGUMENTS_FILE).read_text())
     refuse_resume_changes(saved, dataclasses.asdict(args), RESUMABLE_CHANGES, output_dir)
+    if saved.get("num_processes", num_processes) != num_processes:
+        raise ValueError(f"--resume: the run in {output_dir} trained with {saved['num_processes']} process(es), this "
+                         f"launch has {num_processes}; launch it with accelerate launch --num_processes "
+                         f"{saved['num_processes']}.")
     return checkpoint
 
 
@@ -192,7 +197,7 @@ def finetune(args: FinetuneArguments) -> dict[str, Any]:
     accelerator = Accelerator(cpu=use_cpu, mixed_precision=mixed_precision, dataloader_config=DataLoaderConfiguration(
         use_seedable_sampler=True, data_seed=args.seed))  # the epoch's order: a function of (seed, epoch)
     output_dir = Path(args.output_dir)
-    checkpoint = check_output_dir(args)
+    checkpoint = check_output_dir(args, accelerator.num_processes)
     accelerator.wait_for_everyone()  # every process has checked OUTPUT_DIR before the main one writes to it
     set_seed(args.seed)
 
@@ -233,7 +238,7 @@ def finetune(args: FinetuneArguments) -> dict[str, Any]:
         step = checkpoint_step(checkpoint)
     elif accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
-        write_json(output_dir / ARGUMENTS_FILE, dataclasses.asdict(args))
+        write_json(output_dir / ARGUMENTS_FILE, {**dataclasses.asdict(args), "num_processes": accelerator.num_processes})
     accelerator.wait_for_everyone()
     steps_per_epoch = len(train_loader)
     accelerator.print(

@@ -361,7 +361,7 @@ def diverged(run: Run, what: str) -> NonFiniteLossError:
             "No checkpoint with finite weights was written.")
     return NonFiniteLossError(f"training diverged: {what}; stopped without writing a checkpoint of it. {keep} "
                               "Resuming would only repeat the divergence: start a new run with a lower --lr (or "
-                              "--mi-weight).")
+                              "--mi-weight; --online-probe-lr when only online_probe tensors are named).")
 
 
 def last_finite_checkpoint(folder: RunFolder) -> Path | None:

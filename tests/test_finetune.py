@@ -174,6 +174,11 @@ def test_output_dir_and_resume_errors(color_dataset, backbone_folder, tmp_path, 
                                        "to continue the run in it or choose another --output-dir.\n")
     with pytest.raises(ValueError, match=r"--epochs \(1 -> 2\)"):
         run(backbone_folder, color_dataset, out, "--epochs", "2", "--max-samples", "30", "--resume")
+    record = json.loads((out / "finetune_args.json").read_text())
+    assert record["num_processes"] == 1  # this test runs one process
+    (out / "finetune_args.json").write_text(json.dumps({**record, "num_processes": 2}))  # as a 2-process run
+    with pytest.raises(ValueError, match=r"trained with 2 process\(es\), this launch has 1"):
+        run(backbone_folder, color_dataset, out, "--epochs", "1", "--max-samples", "30", "--resume")
     for bad, message in ((["--epochs", "0"], "--epochs must be a positive integer"),
                            (["--min-crop-scale", "1.5"], "--min-crop-scale must be in"),
                            (["--push-to-hub", "not a/valid id"],
