@@ -43,7 +43,7 @@ from torchvision.transforms import v2
 
 from .augmentation import TwoViewAugmentation, to_model_input  # noqa: F401  (re-exported: the data API)
 from .progress import progress_bar
-from .runs import process_alive
+from .runs import remove_abandoned_staging
 from .seeding import sample_seed, seeded
 
 logger = logging.getLogger(__name__)
@@ -821,12 +821,8 @@ def _build_cache(stream: StreamingImageDataset, description: dict, folder: Path,
     folder each build; the first rename wins and the others use its cache."""
     rows_per_chunk = max(1, math.ceil(len(stream) / (max(num_workers, 1) * CHUNKS_PER_WORKER)))
     host = socket.gethostname()
-    stale = re.compile(rf"\.{re.escape(folder.name)}\.{re.escape(host)}-(\d+)\.partial")
-    if folder.parent.is_dir():
-        for other in folder.parent.iterdir():
-            match = stale.fullmatch(other.name)
-            if match and not process_alive(int(match.group(1))):
-                shutil.rmtree(other, ignore_errors=True)
+    builds_of_this_host = re.compile(rf"\.{re.escape(folder.name)}\.{re.escape(host)}-(\d+)\.partial")
+    remove_abandoned_staging(folder.parent, builds_of_this_host)
     staging = folder.with_name(f".{folder.name}.{host}-{os.getpid()}.partial")
     shutil.rmtree(staging, ignore_errors=True)
     try:

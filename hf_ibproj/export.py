@@ -21,7 +21,7 @@ from . import modeling_small_resnet as small_resnet
 from .backbones import SMALL_RESNETS, create_backbone
 from .cards import backbone_card
 from .modeling_ibproj import IBProjModel
-from .runs import RunFolder, process_alive
+from .runs import RunFolder, remove_abandoned_staging
 from .sources import ibproj_data_config, is_exported_folder, load_source
 
 # pretrained_cfg keys that describe the exported weights themselves. Everything else timm copies from the base
@@ -57,7 +57,8 @@ def export_backbone(model_or_dir: IBProjModel | str | Path, out_dir: str | Path)
             "choose a new path so nothing of yours is overwritten."
         )
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_staging(out_dir)
+    # earlier exports into out_dir killed midway
+    remove_abandoned_staging(out_dir.parent, re.compile(rf"\.{re.escape(out_dir.name)}\.staging-(\d+)-[a-z0-9_]+"))
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.staging-{os.getpid()}-", dir=out_dir.parent))
     try:
         write_backbone_files(source.model, staging)
@@ -72,15 +73,6 @@ def export_backbone(model_or_dir: IBProjModel | str | Path, out_dir: str | Path)
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out_dir
-
-
-def _remove_stale_staging(out_dir: Path) -> None:
-    """Delete the staging folders of earlier exports into `out_dir` whose process is gone (killed mid-export)."""
-    staging_name = re.compile(rf"\.{re.escape(out_dir.name)}\.staging-(\d+)-[a-z0-9_]+")
-    for folder in out_dir.parent.iterdir():
-        match = staging_name.fullmatch(folder.name)
-        if match and folder.is_dir() and not process_alive(int(match.group(1))):
-            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _apply_umask(folder: Path) -> None:

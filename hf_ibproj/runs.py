@@ -23,6 +23,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import re
 import shutil
 from collections.abc import Iterator
 from functools import cached_property
@@ -164,8 +165,18 @@ class RunFolder:
         write_json(self.final_eval_file, result)
 
 
-def process_alive(pid: int) -> bool:
-    """Whether a process of this machine with this PID runs (whose staging folder or lock is then not stale)."""
+def remove_abandoned_staging(parent: Path, staging_name: re.Pattern) -> None:
+    """Delete the folders of `parent` named as `staging_name` says (its first group: the writer's PID on this
+    machine) whose writer is gone: what a write killed midway left behind. A running writer's folder stays."""
+    if not parent.is_dir():
+        return
+    for folder in parent.iterdir():
+        match = staging_name.fullmatch(folder.name)
+        if match and folder.is_dir() and not _process_alive(int(match.group(1))):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
