@@ -143,7 +143,8 @@ def timed_train_py(arguments: list[str], log: Path, env: dict | None = None) -> 
 
 
 def read_train_py_records(run_dir: Path, wall_time: float) -> dict:
-    """Training time, steps, img/s, its own evaluation and its phases, from the records of a finished run."""
+    """Training time, steps, img/s, its own evaluation, label-free diagnostics and phases, from a finished run's
+    records."""
     folder = RunFolder(run_dir)
     run_info, final, config = folder.read_info(), folder.read_final_eval(), folder.read_config()
     random_init = folder.read_random_init_eval()
@@ -157,6 +158,7 @@ def read_train_py_records(run_dir: Path, wall_time: float) -> dict:
         "backbone_kwargs": config["backbone_kwargs"],
         "plan": run_info.get("plan"),
         "own_evaluation": {"linear_top1": final["linear_top1"], "knn_top1": final["knn_top1"]},
+        "label_free": final["trained"].get("label_free"),  # RankMe, alignment, I(Z1;Z2), ... of the trained model
         "phases": [{"phase": name, "seconds": round(seconds, 1)} for name, seconds in phases],
     }
 
