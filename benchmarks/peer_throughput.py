@@ -6,9 +6,9 @@
 
 train.py side: train.py's own main() for a fixed number of steps on the preset (in-memory uint8 batches,
 kornia two-view augmentation on the device, IBProjModel, LARS), img/s read from its metrics.jsonl.
-lightly side (its documented SimCLR recipe): the Fashion-MNIST images as PIL through lightly's SimCLRTransform in
-a torch DataLoader with the preset's workers, the same small-stem ResNet-18, lightly's SimCLRProjectionHead and
-NTXentLoss(temperature=tau), SGD; the same batch, precision (autocast) and channels_last. Both get 1-channel
+lightly side (its documented SimCLR recipe, benchmarks/lightly_recipe.py): the Fashion-MNIST images as PIL through
+lightly's SimCLRTransform in a torch DataLoader with the preset's workers, the same small-stem ResNet-18, lightly's
+SimCLRProjectionHead and NTXentLoss, SGD; the same batch, precision (autocast) and channels_last. Both get 1-channel
 28 px images: lightly's transform is given the data's 1-channel mean/std (its ImageNet default is 3-channel).
 Each side runs in its own forked process, alternating, `--rounds` times; the first `--warmup` steps of every
 run (start-up, worker spin-up) are not timed. Prints both medians and the ratio (target: train.py >= 1.5x),

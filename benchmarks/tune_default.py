@@ -57,7 +57,7 @@ CANDIDATES = {
     # a 0.5-epoch warm-up is a quarter of a ~1.8-epoch run: a shorter or a longer one (rounds 1 and 3: both worse)
     "warmup-0.1": ["--warmup-epochs", "0.1"],
     "warmup-1.0": ["--warmup-epochs", "1.0"],
-    # a sharper or a softer softmax than the preset's 0.2 (lightly's; round 2: 0.1 cost kNN)
+    # a sharper or a softer softmax than the preset's 0.2 (the paper's; round 2: 0.1 cost kNN)
     "tau-0.1": ["--nt-xent-tau", "0.1"],
     "tau-0.3": ["--nt-xent-tau", "0.3"],
     # half the learning rate (LARS 1.2 is the preset's; solo-learn uses 0.4 at batch 256)

@@ -153,6 +153,95 @@ def test_tune_default_smoke(tmp_path):
     assert "warmup-0: skipped" in again and "warmup-0-seed1: skipped" in again
 
 
+def test_bottlenecks_at_budget_smoke(tmp_path):
+    """Grid on seed 0, the grid's best value of each bottleneck and the standard projector on fresh seeds, every run
+    train.py on the carved data scored on the validation split; the tables recomputed here from the run folders."""
+    import numpy as np
+    from scipy import stats
+
+    out, results = tmp_path / "out", tmp_path / "results"
+    output = run_smoke("bottlenecks_at_budget.py", "--out", str(out), "--results", str(results))
+    runs = {r["name"]: r for r in (json.loads(p.read_text()) for p in results.glob("*.json"))}
+    grid = {r["label"]: r for r in runs.values() if r["stage"] == "grid"}
+    assert set(grid) == {"standard", "mi_weight=1e-3", "mi_weight=1e-1", "sparse_topk=8"}
+    assert {r["seed"] for r in grid.values()} == {0}
+    for name, run in runs.items():  # each summary holds its own run's final evaluation and diagnostics
+        final_eval = json.loads((out / name / "final_eval.json").read_text())
+        config = (out / name / "config.yaml").read_text()
+        assert "eval_split: validation" in config and re.search(rf"^seed: {run['seed']}$", config, re.M)
+        assert run["validation"] == {"linear_top1": final_eval["linear_top1"], "knn_top1": final_eval["knn_top1"]}
+        assert run["label_free"] == final_eval["trained"]["label_free"]
+        assert set(run["label_free"]) >= {"rankme", "alignment", "uniformity", "I(Z1;Z2)", "H(Z1)", "lower_bound"}
+    assert "sparse_latent_dim: 64" in (out / "grid-simclr-sparse-topk=8" / "config.yaml").read_text()
+    # the confirmation runs the grid's best MI weight (ties: the first listed), on fresh seeds 1 and 2
+    best = max(["1e-3", "1e-1"], key=lambda v: grid[f"mi_weight={v}"]["validation"]["linear_top1"])
+    confirm = [r for r in runs.values() if r["stage"] == "confirm"]
+    assert sorted((r["label"], r["seed"]) for r in confirm) == sorted(
+        (label, seed) for label in ("standard", f"mi_weight={best}", "sparse_topk=8") for seed in (1, 2))
+
+    # the paired difference to the standard projector and its 95% t-interval, recomputed from the run folders
+    def top1(label, metric):
+        cell = sorted((r for r in confirm if r["label"] == label), key=lambda r: r["seed"])
+        return np.array([json.loads((out / r["name"] / "final_eval.json").read_text())[metric] for r in cell])
+
+    row = next(line for line in output.splitlines() if line.startswith(f"| mi_weight={best} | 2 |"))
+    for metric in ("linear_top1", "knn_top1"):
+        differences = top1(f"mi_weight={best}", metric) - top1("standard", metric)
+        half = stats.t.ppf(0.975, 1) * differences.std(ddof=1) / np.sqrt(2)
+        low, high = differences.mean() - half, differences.mean() + half
+        verdict = "helps" if low > 0 else "hurts" if high < 0 else "no detectable difference"
+        assert f"{differences.mean():+.2f} [{low:+.2f}, {high:+.2f}]: {verdict}" in row
+    rho = stats.spearmanr([r["label_free"]["rankme"] for r in runs.values()],
+                          [r["validation"]["linear_top1"] for r in runs.values()])[0]
+    assert re.search(rf"^\| rankme \(higher\) \| {rho:+.2f} \|", output, re.M)
+
+    # resumable: a second invocation trains nothing; the committed summaries alone give the same tables
+    again = run_smoke("bottlenecks_at_budget.py", "--out", str(out), "--results", str(results))
+    report = run_smoke("bottlenecks_at_budget.py", "--report-only", "--results", str(results),
+                       "--out", str(tmp_path / "elsewhere"))
+    assert "train.py" not in again and report in again and report in output
+    assert report.startswith("Machine: results;") and not (tmp_path / "elsewhere").exists()
+
+
+def test_bottlenecks_at_budget_choice_and_diverged_runs():
+    """The grid's choice, the queue order and a diverged confirmation run, on hand-made summaries."""
+    import importlib
+
+    sys.path.insert(0, str(BENCHMARKS))
+    budget = importlib.import_module("bottlenecks_at_budget")
+    grid = {"simclr": {"mi_weight": ("1e-4", "1e-2"), "quantize_levels": ("30", "10")}}
+    specs = budget.grid_runs("simclr", grid, {"simclr": "64"})
+    assert [s.label for s in specs] == ["standard", "mi_weight=1e-4", "quantize_levels=30", "mi_weight=1e-2",
+                                        "quantize_levels=10"]  # the paper's values first
+    assert specs[1].flags == ["--mi-weight", "1e-4"] and specs[0].flags == []
+    top1 = {"standard": 80.0, "mi_weight=1e-4": 81.0, "mi_weight=1e-2": 82.0, "quantize_levels=30": 79.0,
+            "quantize_levels=10": 78.0}
+
+    def summary(spec, linear, diverged=False):
+        head = {"name": spec.name, "stage": spec.stage, "objective": spec.objective, "label": spec.label,
+                "seed": spec.seed}
+        scores = {"validation": {"linear_top1": linear, "knn_top1": linear}, "steps": 100, "epochs": 1.0,
+                  "img_per_s": 50.0, "wall_time_s": 590.0}
+        return {**head, "diverged": True} if diverged else {**head, **scores}
+
+    summaries = [summary(s, top1[s.label]) for s in specs]
+    assert budget.choose("simclr", grid, summaries[:-1]) is None  # an unfinished grid chooses nothing
+    assert budget.choose("simclr", grid, summaries) == {"mi_weight": "1e-2", "quantize_levels": "30"}
+    diverged = [summary(s, None, diverged=True) if s.label == "mi_weight=1e-2" else x for s, x in zip(specs, summaries)]
+    assert budget.choose("simclr", grid, diverged) == {"mi_weight": "1e-4", "quantize_levels": "30"}
+
+    confirm = budget.confirm_runs("simclr", {"mi_weight": "1e-2"}, (1, 2, 3), {"simclr": "64"})
+    assert [(s.label, s.seed) for s in confirm] == [(label, seed) for seed in (1, 2, 3)
+                                                    for label in ("standard", "mi_weight=1e-2")]
+    scores = {("standard", 1): 80.0, ("standard", 2): 81.0, ("standard", 3): 79.5, ("mi_weight=1e-2", 1): 81.0,
+              ("mi_weight=1e-2", 2): 82.5}
+    summaries += [summary(s, scores.get((s.label, s.seed)), diverged=(s.label, s.seed) not in scores)
+                  for s in confirm]
+    row = next(line for line in budget.report(summaries, grid, "m").splitlines()
+               if line.startswith("| mi_weight=1e-2 | 3 |"))
+    assert "diverged on 1 of 3 seeds" in row and "81.75 +- 1.06" in row
+
+
 def test_peer_throughput_smoke():
     pytest.importorskip("lightly")
     output = run_smoke("peer_throughput.py")
@@ -261,7 +350,8 @@ def test_peer_accuracy_smoke(tmp_path):
     output = run_smoke("peer_accuracy.py", "--out", str(out), timeout=900)
     report = json.loads((out / "peer_accuracy.json").read_text())
     rows = {row["side"]: row for row in report["rows"]}
-    assert set(rows) == {"train_py", "lightly_8-16-32-64", "lightly_8-8-8-8"}  # width 32's and the job's, scaled down
+    # lightly's batch at width 32 and at the job's width, and the job's batch at its width (all scaled down)
+    assert set(rows) == {"train_py", "lightly_8-16-32-64_batch64", "lightly_8-8-8-8_batch64", "lightly_8-8-8-8_batch32"}
     # train.py's backbone, rescored here, scores what train.py's own final evaluation (its own process) gave
     final = json.loads((out / "train_py" / "final_eval.json").read_text())
     assert rows["train_py"]["linear_top1"] == pytest.approx(final["linear_top1"], abs=0.5)
@@ -270,8 +360,12 @@ def test_peer_accuracy_smoke(tmp_path):
     job = report["train_py"]
     assert sum(p["seconds"] for p in job["phases"]) == pytest.approx(job["wall_time_s"], abs=0.6)
     assert job["wall_time_s"] >= json.loads((out / "train_py" / "run_info.json").read_text())["wall_time_s"]
-    assert report["default_job_ahead"] == all(rows["train_py"][k] > row[k] for row in rows.values()
-                                              if row["side"] != "train_py" for k in ("linear_top1", "knn_top1"))
+    scores = ("linear_top1", "knn_top1", "sklearn_linear_top1", "sklearn_knn_top1")
+    lightly_rows = [row for row in rows.values() if row["side"] != "train_py"]
+    lead = {k: min(rows["train_py"][k] - row[k] for row in lightly_rows) for k in scores}
+    assert report["default_job_leads"] == pytest.approx(lead, abs=0.006)
+    assert report["default_job_ahead"] == all(v > 0 for v in lead.values())
+    assert report["knn_lead_target_met"] == (min(lead["knn_top1"], lead["sklearn_knn_top1"]) >= 1.0)
     budget = report["settings"]["minutes"] * 60
     for key in (k for k in rows if k.startswith("lightly_")):
         lightly = report["lightly"][key]
@@ -280,7 +374,9 @@ def test_peer_accuracy_smoke(tmp_path):
                                                      rel=0.02)
         # the saved backbone is a timm folder at the side's width, normalized with the training images' statistics
         backbone = timm.create_model(f"local-dir:{out / key}", pretrained=True).eval()
-        channels = [int(c) for c in key.removeprefix("lightly_").split("-")]
+        widths, batch = key.removeprefix("lightly_").split("_batch")
+        channels = [int(c) for c in widths.split("-")]
+        assert lightly["batch_size"] == int(batch) and lightly["lr"] == pytest.approx(0.06 * int(batch) / 128)
         assert backbone.num_features == channels[-1]
         train, test = (load_image_data("fashion_mnist", split, channels=1, image_size=report["settings"]["image_size"],
                                        max_samples=n, seed=0) for split, n in (("train", 512), ("test", 256)))
@@ -294,12 +390,17 @@ def test_peer_accuracy_smoke(tmp_path):
         knn = KNeighborsClassifier(200, metric="cosine", weights=lambda d: np.exp((1 - d) / 0.1), algorithm="brute")
         reference = 100 * knn.fit(features[0], train.labels.numpy()).score(features[1], test.labels.numpy())
         assert rows[key]["knn_top1"] == pytest.approx(reference, abs=1.6)  # 4 of 256 test images (bf16 features)
-    assert re.search(r"^default job ahead of every lightly row on linear and kNN: (yes|NO)$", output, re.M)
+        # the second evaluator's kNN: scikit-learn's plain majority vote of the 20 nearest (cosine)
+        majority = KNeighborsClassifier(20, metric="cosine", algorithm="brute").fit(features[0], train.labels.numpy())
+        reference = 100 * majority.score(features[1], test.labels.numpy())
+        assert rows[key]["sklearn_knn_top1"] == pytest.approx(reference, abs=1.6)
+    assert re.search(r"^default job ahead of every lightly row on every score: (yes|NO); by 1 pp or more on kNN "
+                     r"\(both evaluators\): (yes|NO)$", output, re.M)
     assert "the default job's phases" in output and "final evaluation: linear probe" in output
 
     # resumable: a second invocation finds every side and score done and trains nothing
     again = run_smoke("peer_accuracy.py", "--out", str(out))
-    assert again.count(": skipped") == 6 and "whole run" not in again
+    assert again.count(": skipped") == 8 and "whole run" not in again
     assert json.loads((out / "peer_accuracy.json").read_text())["rows"] == report["rows"]
     # other options into the same folder are refused, not mixed in
     refused = subprocess.run([sys.executable, str(BENCHMARKS / "peer_accuracy.py"), "--smoke", "--minutes", "0.06",
