@@ -66,6 +66,14 @@ CANDIDATES = {
     "mi-1e-4": ["--mi-weight", "1e-4"],
     # twice the width: fewer steps in the same budget
     "width-32": ["--backbone-kwargs", "{channels: [32, 64, 128, 256]}"],
+    # A Barlow Twins default job at the same budget (the preset with the objective switched; its own augmentation
+    # recipe and the paper's 2048-wide projector unless a flag says otherwise): the paper's LARS lr 0.3, the 100-step
+    # comparison's 0.9 (benchmarks/compare_bottlenecks.py), a 1024-wide projector that costs fewer steps, batch 256.
+    "bt-lr-0.3": ["--objective", "barlow_twins", "--lr", "0.3"],
+    "bt-lr-0.9": ["--objective", "barlow_twins", "--lr", "0.9"],
+    "bt-lr-0.3-projector-1024": ["--objective", "barlow_twins", "--lr", "0.3", "--projector-hidden-dims",
+                                 "[1024, 1024]", "--projector-out-dim", "1024"],
+    "bt-lr-0.3-batch-256": ["--objective", "barlow_twins", "--lr", "0.3", "--batch-size", "256"],
 }
 SMOKE_CANDIDATES = {"warmup-0": ["--warmup-epochs", "0"]}
 
