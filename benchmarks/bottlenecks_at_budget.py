@@ -15,8 +15,8 @@ Protocol (the test split is never touched):
 - Every run is `python train.py --time-budget 10 --dataset OUT/data --eval-split validation` on the objective's
   preset plus the run's flags, scored by train.py's own final evaluation (linear probe and kNN fit on the 50,000,
   scored on the 10,000) and its label-free diagnostics of the trained model (RankMe, alignment, uniformity,
-  I(Z1;Z2), H(Z1), I(Z1;R) and the bounds; hf_ibproj.diagnostics, on the same held-out images and seeded views in
-  every run).
+  I(Z1;Z2), H(Z1), I(Z1;R) and the bounds; hf_ibproj.diagnostics, on held-out images and views drawn from the run's
+  seed, so the same in every run of a seed).
 - Stage 1, grid (seed 0): the standard projector and each bottleneck at each value of GRID, the paper's values
   included. The chosen value of a bottleneck has the highest validation linear top-1; a diverged value is never
   chosen.
@@ -24,7 +24,8 @@ Protocol (the test split is never touched):
   value of each bottleneck and the standard projector. Reported: mean +- std, the paired difference to the standard
   projector over the common seeds with its 95% t-interval, and a verdict (helps: interval above 0; hurts: below;
   otherwise no detectable difference), on linear and on kNN top-1.
-- Label-free diagnostics: Spearman's rho with validation linear top-1 over every run of an objective.
+- Label-free diagnostics: Spearman's rho with validation linear top-1 over an objective's grid runs (one seed) and
+  over all its runs.
 
 Machines: the figures depend on the machine (a CPU with bf16 units trains ~4x the steps), so the summaries go to
 RESULTS/MACHINE (e.g. `2core-bf16`), and a comparison never mixes machines. Resumable: each finished run writes a
@@ -45,9 +46,9 @@ from pathlib import Path
 
 from compare_bottlenecks import (DIAGNOSTICS, SMOKE_SIZES, SMOKE_TRAIN_SAMPLES, Sizes, carve_dataset, mean_std,
                                  paired_difference)
-from peer_accuracy import SMOKE_MINUTES, SMOKE_TRAIN_PY_FLAGS, machine
+from peer_accuracy import SMOKE_MINUTES, machine
 from scipy import stats
-from tune_default import result_name, run_candidate
+from tune_default import SMOKE_BASE_FLAGS, result_name, run_candidate
 
 from hf_ibproj.runs import write_json
 
@@ -63,7 +64,7 @@ GRID = {
                "sparse_topk": ("4", "41", "410")},
 }
 SPARSE_LATENTS = {"simclr": "4096"}
-SMOKE_GRID = {"simclr": {"mi_weight": ("1e-3", "1e-1"), "sparse_topk": ("8",)}}
+SMOKE_GRID = {"simclr": {"mi_weight": ("1e-3", "1e-2"), "sparse_topk": ("8",)}}
 SMOKE_SPARSE_LATENTS = {"simclr": "64"}
 SMOKE_CONFIRM_SEEDS = (1, 2)
 PAUSE_POLL_S = 10
@@ -147,14 +148,15 @@ def wait_while_paused(pause_file: Path) -> None:
 def run_one(spec: RunSpec, data: Path, out: Path, base_flags: list[str]) -> dict:
     """train.py for `spec`; its summary (scores, label-free diagnostics, steps, machine), or diverged=True."""
     head = {"stage": spec.stage, "objective": spec.objective, "label": spec.label}
+    started = time.gmtime()
     try:
         result = run_candidate(spec.cell, spec.flags, spec.seed, data, out, base_flags)
     except RuntimeError as error:  # train.py exits with 1 and one line when training diverged: a result
-        if "exited with 1" not in str(error) or "training diverged" not in str(error):
+        stop = [line for line in str(error).splitlines() if "training diverged" in line]
+        if "exited with 1;" not in str(error) or not stop:
             raise
         return {**head, "name": spec.name, "seed": spec.seed, "flags": spec.flags, "diverged": True,
-                "error": str(error).splitlines()[-1], "machine": machine(),
-                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+                "error": stop[-1], "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", started)}
     return {**result, **head, "name": spec.name}
 
 
@@ -205,8 +207,9 @@ def report(summaries: list[dict], grid: dict, machine_folder: str) -> str:
             continue
         lines += [f"### {objective}: grid (seed {GRID_SEED}), validation top-1 (%)", "",
                   "| projector | linear | kNN | steps | epochs | img/s | wall s |", "|---|---|---|---|---|---|---|"]
-        for s in _cell(summaries, objective, "standard", "grid") + sorted(
-                (s for s in runs if s["stage"] == "grid" and s["label"] != "standard"), key=lambda s: s["label"]):
+        order = ["standard"] + [f"{b}={v}" for b, values in grid[objective].items() for v in values]
+        grid_rows = [s for s in runs if s["stage"] == "grid" and s["label"] in order]
+        for s in sorted(grid_rows, key=lambda s: order.index(s["label"])):
             if s.get("diverged"):
                 lines.append(f"| {s['label']} | diverged | | | | | |")
                 continue
@@ -216,8 +219,9 @@ def report(summaries: list[dict], grid: dict, machine_folder: str) -> str:
         lines += ["", f"Chosen on the grid: {chosen if chosen is not None else 'not yet (grid incomplete)'}", ""]
         standard = _cell(summaries, objective, "standard")
         if standard:
-            lines += [f"### {objective}: confirmation (seeds {', '.join(map(str, sorted({s['seed'] for s in standard})))}"
-                      "), validation top-1 (%), paired differences to the standard projector (95% CI)", "",
+            seeds = ", ".join(map(str, sorted({s["seed"] for s in standard})))
+            lines += [f"### {objective}: confirmation (seeds {seeds}), validation top-1 (%), paired differences to the "
+                      "standard projector (95% CI)", "",
                       "| projector | seeds | linear | kNN | linear diff: verdict | kNN diff: verdict |",
                       "|---|---|---|---|---|---|"]
             for label in ["standard"] + [f"{b}={v}" for b, v in (chosen or {}).items()]:
@@ -235,17 +239,31 @@ def report(summaries: list[dict], grid: dict, machine_folder: str) -> str:
 
 
 def spearman_lines(objective: str, runs: list[dict]) -> list[str]:
-    """Spearman rho (p) of each label-free diagnostic with validation linear top-1 over the objective's runs."""
+    """Spearman rho (p) of each label-free diagnostic with validation linear top-1: over the grid's runs (one seed,
+    so the same held-out images and views: train.py draws both from the run's seed) and over every run."""
     runs = [s for s in runs if not s.get("diverged") and s.get("label_free")]
-    if len(runs) < 3:
+    groups = {"grid runs (seed 0)": [s for s in runs if s["stage"] == "grid"], "every run": runs}
+    groups = {name: group for name, group in groups.items() if len(group) >= 3}
+    if not groups:
         return []
-    lines = [f"### {objective}: label-free diagnostics against validation linear top-1 ({len(runs)} runs)", "",
-             "| diagnostic (better when) | Spearman rho | p |", "|---|---|---|"]
-    accuracy = [s["validation"]["linear_top1"] for s in runs]
+    lines = [f"### {objective}: label-free diagnostics against validation linear top-1, Spearman rho (p)", "",
+             "| diagnostic (better when) | " + " | ".join(f"{name}, n={len(group)}" for name, group in groups.items())
+             + " |", "|---|" + "---|" * len(groups)]
     for key, sign in DIAGNOSTICS.items():
-        rho, p = stats.spearmanr([s["label_free"][key] for s in runs], accuracy)
-        lines.append(f"| {key} ({'higher' if sign > 0 else 'lower'}) | {rho:+.2f} | {p:.2g} |")
+        cells = [stats.spearmanr([s["label_free"][key] for s in group], [s["validation"]["linear_top1"] for s in group])
+                 for group in groups.values()]
+        lines.append(f"| {key} ({'higher' if sign > 0 else 'lower'}) | "
+                     + " | ".join(f"{rho:+.2f} ({p:.2g})" for rho, p in cells) + " |")
     return lines + [""]
+
+
+def other_machine(summaries: list[dict]) -> str | None:
+    """The first run that came from another kind of machine (core count, native bf16) than this one, or None."""
+    here = machine()
+    for s in summaries:
+        if (s["machine"]["cores"], s["machine"]["native_bf16"]) != (here["cores"], here["native_bf16"]):
+            return s["name"]
+    return None
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -270,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
             args.out, args.results = args.out or temp / "out", args.results or temp / "results"
         grid, sparse_latents, seeds, minutes = SMOKE_GRID, SMOKE_SPARSE_LATENTS, SMOKE_CONFIRM_SEEDS, SMOKE_MINUTES
         sizes, train_samples = SMOKE_SIZES, SMOKE_TRAIN_SAMPLES
-        base_flags = [*SMOKE_TRAIN_PY_FLAGS, "--backbone-kwargs", "{channels: [8, 8, 8, 8]}"]
+        base_flags = SMOKE_BASE_FLAGS
     unknown = sorted(set(args.objectives or ()) - set(grid))
     if unknown:
         parser.error(f"unknown objective(s) {', '.join(unknown)}: choose from {', '.join(grid)}")
@@ -281,6 +299,10 @@ def main(argv: list[str] | None = None) -> int:
     args.results.mkdir(parents=True, exist_ok=True)
 
     if not args.report_only:
+        foreign = other_machine(read_summaries(args.results))
+        if foreign is not None:
+            parser.error(f"{args.results} holds runs of another kind of machine ({foreign}); a comparison never mixes "
+                         "machines: pass --results with a folder of this machine's")
         args.out.mkdir(parents=True, exist_ok=True)
         data = carve_dataset(args.out / "data", train_samples, sizes)
         base_flags = ["--time-budget", str(minutes), *base_flags]

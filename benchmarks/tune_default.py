@@ -76,6 +76,7 @@ CANDIDATES = {
     "bt-lr-0.3-batch-256": ["--objective", "barlow_twins", "--lr", "0.3", "--batch-size", "256"],
 }
 SMOKE_CANDIDATES = {"warmup-0": ["--warmup-epochs", "0"]}
+SMOKE_BASE_FLAGS = [*SMOKE_TRAIN_PY_FLAGS, "--backbone-kwargs", "{channels: [8, 8, 8, 8]}"]  # under every smoke run
 
 
 def result_name(name: str, seed: int) -> str:
@@ -141,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
             temp = Path(tempfile.mkdtemp(prefix="tune_smoke_"))
             args.out, args.results = args.out or temp / "out", args.results or temp / "results"
         candidates, minutes, sizes, train_samples = SMOKE_CANDIDATES, SMOKE_MINUTES, SMOKE_SIZES, SMOKE_TRAIN_SAMPLES
-        base_flags = [*SMOKE_TRAIN_PY_FLAGS, "--backbone-kwargs", "{channels: [8, 8, 8, 8]}"]
+        base_flags = SMOKE_BASE_FLAGS
     unknown = sorted(set(args.candidates or ()) - set(candidates))
     if unknown:
         parser.error(f"unknown candidate(s) {', '.join(unknown)}: choose from {', '.join(candidates)}")
