@@ -267,7 +267,8 @@ def score(side: str, out: Path, splits) -> dict:
     backbone, mean, std = load_for_scoring(side, out)
     train, test = splits
     features = [extract_features(backbone, split.images, mean, std, progress=True) for split in splits]
-    result = evaluate_features(features[0], train.labels, features[1], test.labels, seed=SEED)
+    result = evaluate_features(features[0], train.labels, features[1], test.labels, class_names=train.class_names,
+                               seed=SEED)
     evaluation_s = time.perf_counter() - started  # what train.py's own evaluation does: comparable totals
     second = second_evaluator(features[0], train.labels, features[1], test.labels)
     return {**result, **second, "mean": mean, "std": std, "evaluation_s": round(evaluation_s, 1),

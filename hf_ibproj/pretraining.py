@@ -80,7 +80,7 @@ class TrainingProgress:
     total_steps: int
     warmup_steps: int
     planned: bool  # False while a time budget has not fixed the total yet
-    skipped_images: int = 0  # corrupt images replaced while streaming
+    skipped_images: int = 0  # corrupt images replaced while streaming, summed over the processes
 
 
 @dataclass
@@ -118,6 +118,7 @@ class Run:
     window: dict = field(default_factory=dict)
     phases: dict = field(default_factory=dict)
     state_checked_at: int | None = None  # the step whose weights `check_state` found finite
+    skips_to_count: int = 0  # this process's corrupt draws not yet in progress.skipped_images
 
     @property
     def unwrapped(self) -> IBProjModel:
@@ -254,7 +255,7 @@ def train_loop(run: Run) -> None:
     run.model.train()
     while progress.step < progress.total_steps:
         for images, labels, skipped in epoch_batches(run):
-            progress.skipped_images += skipped
+            run.skips_to_count += skipped
             output, diagnose = train_step(run, images, labels)
             if not accelerator.sync_gradients:
                 continue
@@ -420,6 +421,7 @@ def log_step(run: Run, output, diagnose: bool) -> None:
         record.update({k: accelerator.reduce(v.float(), "mean").item() for k, v in output.diagnostics.items()})
     if window["probe_seen"]:
         record["online_probe_top1"] = 100.0 * window["probe_hits"] / window["probe_seen"]
+    count_skipped_images(run)
     if run.progress.skipped_images:
         record["skipped_images"] = run.progress.skipped_images
     reset_window(run)
@@ -427,6 +429,14 @@ def log_step(run: Run, output, diagnose: bool) -> None:
     if accelerator.is_main_process:
         run.folder.metrics.append(record)
         run.bar.set_postfix(loss=f"{record['loss']:.3f}", img_s=f"{record['img_per_s']:.0f}")
+
+
+def count_skipped_images(run: Run) -> None:
+    """Add every process's corrupt draws since the last call to `progress.skipped_images`: each process streams
+    its own shard, so the run's count is their sum (a collective: every process calls this)."""
+    pending = torch.tensor(run.skips_to_count, device=run.accelerator.device)
+    run.progress.skipped_images += int(run.accelerator.reduce(pending, "sum"))
+    run.skips_to_count = 0
 
 
 def reset_window(run: Run) -> None:
@@ -496,6 +506,7 @@ def checkpoint_if_due(run: Run) -> None:
         return
     check_state(run)
     record_skipped_files(run)
+    count_skipped_images(run)
     state = {"progress": asdict(progress), "budget": run.budget.state_dict() if run.budget else None}
     checkpoint = save_checkpoint(run.accelerator, run.folder.path, progress.step, config.keep_checkpoints,
                                  model_config=run.unwrapped.config, state=state)

@@ -72,14 +72,17 @@ def test_full_run_writes_the_run_folder(tiny_dataset, tmp_path):
     assert checkpoints == ["step_00000008", "step_00000016"]  # epoch ends, the last 2 kept
 
 
+def two_cpu_processes(port: int) -> list[str]:
+    """`accelerate launch` of two CPU processes (gloo) on one machine, meeting on `port`."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port)]
+
+
 def test_two_processes_scale_batch_and_lr_and_only_main_writes(tiny_dataset, tmp_path, free_port):
     out = tmp_path / "ddp"
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                "--main_process_port", str(free_port)]
     result = run_train(["--dataset", str(tiny_dataset), "--epochs", "1", "--output-dir", str(out),
                         "--tracker", "none", "--objective", "barlow_twins", *TINY],
-                       env={"ACCELERATE_USE_CPU": "true"}, launcher=launcher)
+                       env={"ACCELERATE_USE_CPU": "true"}, launcher=two_cpu_processes(free_port))
     resolved = yaml.safe_load((out / "config.yaml").read_text())
     assert resolved["num_processes"] == 2
     assert resolved["global_batch_size"] == 32 and resolved["scaled_lr"] == pytest.approx(0.1 * 32 / 256)
@@ -288,6 +291,22 @@ def test_streaming_run_is_monitored_evaluated_and_survives_bad_images(tmp_path):
     assert {"rankme", "alignment", "uniformity", "I(Z1;Z2)", "lower_bound"} <= set(final["trained"]["label_free"])
     card = (out / "backbone" / "README.md").read_text()
     assert f"{final['linear_top1']:.2f}%" in card and f"{final['knn_top1']:.2f}%" in card
+
+
+def test_two_streaming_processes_count_the_corrupt_rows_each_drew(tmp_path, free_port):
+    data = tmp_path / "folder"
+    corrupt = _class_sorted_image_folder(data)
+    out = tmp_path / "stream"
+    # 48 training rows, a global batch of 2 x 24: each epoch draws every row once, each process streaming its own
+    # half, so the run drew the 2 corrupt rows 2 x 2 times whichever process drew them
+    run_train(["--dataset", str(data), "--streaming", "--epochs", "2", "--output-dir", str(out), "--tracker", "none",
+               *TINY, "--batch-size", "24", "--no-final-eval", "--no-export-backbone"],
+              env={"ACCELERATE_USE_CPU": "true"}, launcher=two_cpu_processes(free_port))
+    info = json.loads((out / "run_info.json").read_text())
+    assert info["skipped_images"] == 2 * 2
+    assert sorted(record["file"] for record in info["skipped_files"]["train"]) == sorted(map(str, corrupt["train"]))
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped_images"] for r in logged if "loss" in r] == [2 * 2]  # one step an epoch, logged every 2
 
 
 def test_push_to_hub_from_the_run_and_resume_on_another_machine(tiny_dataset, tmp_path):
