@@ -17,12 +17,12 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS = ROOT / "benchmarks"
 
 
-def run_smoke(script: str, *extra: str, timeout: int = 240) -> str:
-    """stdout+stderr of `python benchmarks/SCRIPT --smoke`, after checking that it exits with 0."""
+def run_smoke(script: str, *extra: str, timeout: int = 240, cwd: Path = ROOT) -> str:
+    """stdout+stderr of `python benchmarks/SCRIPT --smoke` started in `cwd`, after checking that it exits with 0."""
     path = BENCHMARKS / script
     if not path.exists():
         pytest.fail(f"{path} does not exist")
-    result = subprocess.run([sys.executable, str(path), "--smoke", *extra], cwd=ROOT, capture_output=True,
+    result = subprocess.run([sys.executable, str(path), "--smoke", *extra], cwd=cwd, capture_output=True,
                             text=True, timeout=timeout)
     output = result.stdout + result.stderr
     assert result.returncode == 0, f"{script} --smoke exited with {result.returncode}:\n{output[-3000:]}"
@@ -134,9 +134,9 @@ def test_compare_bottlenecks_choice_verdicts_and_diverged_runs():
 
 def test_tune_default_smoke(tmp_path):
     """A candidate is train.py on the carved data at each seed, scored on the validation split; the table gives the
-    mean over the seeds; a rerun does not redo a finished seed."""
+    mean over the seeds; a rerun does not redo a finished seed. Folders given relative to where it starts."""
     out, results = tmp_path / "out", tmp_path / "results"
-    output = run_smoke("tune_default.py", "--out", str(out), "--results", str(results), "--seeds", "0", "1")
+    output = run_smoke("tune_default.py", "--out", "out", "--results", "results", "--seeds", "0", "1", cwd=tmp_path)
     scores = []
     for run in ("warmup-0", "warmup-0-seed1"):
         result = json.loads((results / f"{run}.json").read_text())
