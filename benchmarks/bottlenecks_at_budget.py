@@ -132,9 +132,10 @@ def confirm_runs(objective: str, chosen: dict[str, str], seeds: tuple[int, ...],
 # ------------------------------------------------------------------------------------------------ runs
 
 
-def machine_name() -> str:
-    """The results folder of this kind of machine: its core count and whether its CPU computes bf16 natively."""
-    facts = machine()
+def machine_name(facts: dict | None = None) -> str:
+    """The kind of a machine (this one by default), which names its results folder: its core count and whether its
+    CPU computes bf16 natively."""
+    facts = facts or machine()
     return f"{facts['cores']}core-{'bf16' if facts['native_bf16'] else 'nobf16'}"
 
 
@@ -259,11 +260,8 @@ def spearman_lines(objective: str, runs: list[dict]) -> list[str]:
 
 def other_machine(summaries: list[dict]) -> str | None:
     """The first run that came from another kind of machine (core count, native bf16) than this one, or None."""
-    here = machine()
-    for s in summaries:
-        if (s["machine"]["cores"], s["machine"]["native_bf16"]) != (here["cores"], here["native_bf16"]):
-            return s["name"]
-    return None
+    here = machine_name()
+    return next((s["name"] for s in summaries if machine_name(s["machine"]) != here), None)
 
 
 # ------------------------------------------------------------------------------------------------ main

@@ -87,12 +87,13 @@ def result_name(name: str, seed: int) -> str:
 def run_candidate(name: str, flags: list[str], seed: int, data: Path, out: Path, base_flags: list[str]) -> dict:
     """`python train.py` on the carved data with the candidate's flags and seed; its records and validation scores.
     train.py starts in the repository root, so it is given absolute paths."""
-    data, run_dir = data.resolve(), out.resolve() / result_name(name, seed)
+    data, out = data.resolve(), out.resolve()
+    run_dir = out / result_name(name, seed)
     shutil.rmtree(run_dir, ignore_errors=True)
     started = time.gmtime()
     command, wall_time = timed_train_py(["--dataset", str(data), "--eval-split", "validation", "--output-dir",
                                          str(run_dir), "--seed", str(seed), *base_flags, *flags],
-                                        run_dir.parent / f"{run_dir.name}.log")
+                                        out / f"{run_dir.name}.log")
     records = read_train_py_records(run_dir, wall_time)
     return {"name": name, "seed": seed, "flags": flags, "command": command, "split": "validation",
             "validation": records.pop("own_evaluation"), **records, "machine": machine(),
