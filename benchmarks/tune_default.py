@@ -68,12 +68,21 @@ CANDIDATES = {
     "width-32": ["--backbone-kwargs", "{channels: [32, 64, 128, 256]}"],
     # A Barlow Twins default job at the same budget (the preset with the objective switched; its own augmentation
     # recipe and the paper's 2048-wide projector unless a flag says otherwise): the paper's LARS lr 0.3, the 100-step
-    # comparison's 0.9 (benchmarks/compare_bottlenecks.py), a 1024-wide projector that costs fewer steps, batch 256.
+    # comparison's 0.9 (benchmarks/compare_bottlenecks.py), a 1024-wide projector that costs less per step, batch 256.
     "bt-lr-0.3": ["--objective", "barlow_twins", "--lr", "0.3"],
     "bt-lr-0.9": ["--objective", "barlow_twins", "--lr", "0.9"],
     "bt-lr-0.3-projector-1024": ["--objective", "barlow_twins", "--lr", "0.3", "--projector-hidden-dims",
                                  "[1024, 1024]", "--projector-out-dim", "1024"],
     "bt-lr-0.3-batch-256": ["--objective", "barlow_twins", "--lr", "0.3", "--batch-size", "256"],
+    # Barlow Twins round 2, from round 1's winner (the 1024-wide projector): narrower again, round 1's higher lr on
+    # it, and the SimCLR preset's stronger jitter with blur in place of Barlow Twins' own recipe.
+    "bt-projector-512": ["--objective", "barlow_twins", "--lr", "0.3", "--projector-hidden-dims", "[512, 512]",
+                         "--projector-out-dim", "512"],
+    "bt-projector-1024-lr-0.9": ["--objective", "barlow_twins", "--lr", "0.9", "--projector-hidden-dims",
+                                 "[1024, 1024]", "--projector-out-dim", "1024"],
+    "bt-projector-1024-simclr-augmentation": ["--objective", "barlow_twins", "--lr", "0.3", "--projector-hidden-dims",
+                                              "[1024, 1024]", "--projector-out-dim", "1024",
+                                              "--augmentation", "simclr"],
 }
 SMOKE_CANDIDATES = {"warmup-0": ["--warmup-epochs", "0"]}
 SMOKE_BASE_FLAGS = [*SMOKE_TRAIN_PY_FLAGS, "--backbone-kwargs", "{channels: [8, 8, 8, 8]}"]  # under every smoke run
