@@ -51,21 +51,39 @@ from scipy import stats
 from tune_default import SMOKE_BASE_FLAGS, result_name, run_candidate
 
 from hf_ibproj.runs import write_json
+from hf_ibproj.train_config import read_preset
 
 ROOT = Path(__file__).resolve().parent.parent
 MINUTES = 10.0
 GRID_SEED, CONFIRM_SEEDS = 0, (1, 2, 3)
-# The objective's preset: train.py flags on top of configs/fashion_mnist_cpu.yaml (the default job, SimCLR).
-OBJECTIVES = {"simclr": []}
+# The objective's CPU preset, as train.py flags: the default job (configs/fashion_mnist_cpu.yaml, SimCLR) and its
+# Barlow Twins twin, whose projector is BARLOW_TWINS_WIDTH wide.
+BARLOW_TWINS_PRESET = Path("configs") / "fashion_mnist_barlow_twins_cpu.yaml"  # train.py starts in ROOT
+OBJECTIVES = {"simclr": [], "barlow_twins": ["--config", str(BARLOW_TWINS_PRESET)]}
+BARLOW_TWINS_WIDTH = read_preset(ROOT / BARLOW_TWINS_PRESET)["projector_hidden_dims"][0]
 # Each bottleneck's values, the paper's first (docs/method.md section 3): lambda 1e-4 (CIFAR) and 1e-2
-# (ImageNet-100); L = 30 for SimCLR; k = 0.001 d_latent for SimCLR, here of the 4096 latents the preset suggests.
+# (ImageNet-100); L = 30 for SimCLR, 3 for Barlow Twins; k = 0.001 d_latent for SimCLR (of the 4096 latents the
+# default preset suggests) and 0.2 d_latent for Barlow Twins.
 GRID = {
     "simclr": {"mi_weight": ("1e-4", "1e-3", "1e-2"), "quantize_levels": ("30", "100", "10"),
                "sparse_topk": ("4", "41", "410")},
+    "barlow_twins": {"mi_weight": ("1e-4", "1e-2", "1e-1"), "quantize_levels": ("3", "10", "30"),
+                     "sparse_topk": tuple(str(round(ratio * BARLOW_TWINS_WIDTH)) for ratio in (0.2, 0.1, 0.4))},
 }
-SPARSE_LATENTS = {"simclr": "4096"}
-SMOKE_GRID = {"simclr": {"mi_weight": ("1e-3", "1e-2"), "sparse_topk": ("8",)}}
-SMOKE_SPARSE_LATENTS = {"simclr": "64"}
+
+
+def barlow_twins_sparse_flags(width: int) -> list[str]:
+    """Barlow Twins' sparse projector (docs/method.md section 3c): the first [Linear-BN-ReLU] block of the projector,
+    `width` wide, then the top-k block with as many latents."""
+    return ["--projector-hidden-dims", f"[{width}]", "--projector-out-dim", "0", "--sparse-latent-dim", str(width)]
+
+
+# The sparse block's flags: SimCLR's replaces the whole MLP (section 3c).
+SPARSE_FLAGS = {"simclr": ["--sparse-latent-dim", "4096"],
+                "barlow_twins": barlow_twins_sparse_flags(BARLOW_TWINS_WIDTH)}
+SMOKE_GRID = {"simclr": {"mi_weight": ("1e-3", "1e-2"), "sparse_topk": ("8",)},
+              "barlow_twins": {"sparse_topk": ("8",)}}
+SMOKE_SPARSE_FLAGS = {"simclr": ["--sparse-latent-dim", "64"], "barlow_twins": barlow_twins_sparse_flags(64)}
 SMOKE_CONFIRM_SEEDS = (1, 2)
 PAUSE_POLL_S = 10
 
@@ -89,22 +107,22 @@ class RunSpec:
         return result_name(self.cell, self.seed)
 
 
-def make_run(stage: str, objective: str, label: str, seed: int, sparse_latents: dict[str, str]) -> RunSpec:
+def make_run(stage: str, objective: str, label: str, seed: int, sparse_flags: dict[str, list[str]]) -> RunSpec:
     flags = list(OBJECTIVES[objective])
     if label != "standard":
         bottleneck, value = label.split("=")
         if bottleneck == "sparse_topk":
-            flags += ["--sparse-latent-dim", sparse_latents[objective]]
+            flags += sparse_flags[objective]
         flags += [f"--{bottleneck.replace('_', '-')}", value]
     return RunSpec(stage, objective, label, seed, flags)
 
 
-def grid_runs(objective: str, grid: dict, sparse_latents: dict[str, str]) -> list[RunSpec]:
+def grid_runs(objective: str, grid: dict, sparse_flags: dict[str, list[str]]) -> list[RunSpec]:
     """Stage 1: the standard projector, then the bottlenecks' first values (the paper's), their second values, ..."""
     labels = ["standard"]
     for position in range(max(map(len, grid[objective].values()))):
         labels += [f"{b}={values[position]}" for b, values in grid[objective].items() if position < len(values)]
-    return [make_run("grid", objective, label, GRID_SEED, sparse_latents) for label in labels]
+    return [make_run("grid", objective, label, GRID_SEED, sparse_flags) for label in labels]
 
 
 def choose(objective: str, grid: dict, summaries: list[dict]) -> dict[str, str] | None:
@@ -123,10 +141,10 @@ def choose(objective: str, grid: dict, summaries: list[dict]) -> dict[str, str] 
 
 
 def confirm_runs(objective: str, chosen: dict[str, str], seeds: tuple[int, ...],
-                 sparse_latents: dict[str, str]) -> list[RunSpec]:
+                 sparse_flags: dict[str, list[str]]) -> list[RunSpec]:
     """Stage 2, seed by seed (a partial confirmation covers every cell): standard and each chosen value."""
     labels = ["standard"] + [f"{b}={v}" for b, v in chosen.items()]
-    return [make_run("confirm", objective, label, seed, sparse_latents) for seed in seeds for label in labels]
+    return [make_run("confirm", objective, label, seed, sparse_flags) for seed in seeds for label in labels]
 
 
 # ------------------------------------------------------------------------------------------------ runs
@@ -278,13 +296,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny data and budget in a temporary folder (CI)")
     args = parser.parse_args(argv)
 
-    grid, sparse_latents, seeds, minutes, sizes, train_samples, base_flags = (
-        GRID, SPARSE_LATENTS, CONFIRM_SEEDS, MINUTES, Sizes(), None, [])
+    grid, sparse_flags, seeds, minutes, sizes, train_samples, base_flags = (
+        GRID, SPARSE_FLAGS, CONFIRM_SEEDS, MINUTES, Sizes(), None, [])
     if args.smoke:
         if args.out is None or args.results is None:
             temp = Path(tempfile.mkdtemp(prefix="bottlenecks_smoke_"))
             args.out, args.results = args.out or temp / "out", args.results or temp / "results"
-        grid, sparse_latents, seeds, minutes = SMOKE_GRID, SMOKE_SPARSE_LATENTS, SMOKE_CONFIRM_SEEDS, SMOKE_MINUTES
+        grid, sparse_flags, seeds, minutes = SMOKE_GRID, SMOKE_SPARSE_FLAGS, SMOKE_CONFIRM_SEEDS, SMOKE_MINUTES
         sizes, train_samples = SMOKE_SIZES, SMOKE_TRAIN_SAMPLES
         base_flags = SMOKE_BASE_FLAGS
     unknown = sorted(set(args.objectives or ()) - set(grid))
@@ -305,10 +323,10 @@ def main(argv: list[str] | None = None) -> int:
         data = carve_dataset(args.out / "data", train_samples, sizes)
         base_flags = ["--time-budget", str(minutes), *base_flags]
         for objective in objectives:
-            run_queue(grid_runs(objective, grid, sparse_latents), data, args.out, args.results, base_flags)
+            run_queue(grid_runs(objective, grid, sparse_flags), data, args.out, args.results, base_flags)
             chosen = choose(objective, grid, read_summaries(args.results))
             print(f"{objective}: chosen on the grid {chosen}", flush=True)
-            run_queue(confirm_runs(objective, chosen, seeds, sparse_latents), data, args.out, args.results,
+            run_queue(confirm_runs(objective, chosen, seeds, sparse_flags), data, args.out, args.results,
                       base_flags)
     summaries = [s for s in read_summaries(args.results) if s["objective"] in objectives]
     print(report(summaries, {o: grid[o] for o in objectives}, machine_folder) if summaries

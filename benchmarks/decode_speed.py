@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ import torch
 from PIL import Image
 
 from hf_ibproj.data import DecodedImageCache, FullImageCrops, StreamingImageDataset, decode_capped
+from hf_ibproj.runs import cpu_name
 
 IMAGE_SIZE = 224
 
@@ -100,7 +100,7 @@ def main() -> None:
     report = {"smoke": args.smoke, "images": args.images, "image_size": IMAGE_SIZE, "side": args.side,
               "sizes": "300-500 px per side, non-square JPEG q90", "rates_per_worker": rates, "ratios": ratios,
               "cache_build_s": round(build_s, 2), "cache_build_workers": args.workers,
-              "cache_mb": round(cache_bytes / 1e6, 1), "cpu": platform.processor() or platform.machine(),
+              "cache_mb": round(cache_bytes / 1e6, 1), "cpu": cpu_name(),
               "cpu_cores_usable": len(os.sched_getaffinity(0)), "torch": torch.__version__}
     print(f"{args.images} JPEGs of 300-500 px -> {IMAGE_SIZE} px crops, one worker (1 thread); cache side "
           f"{args.side}: built in {build_s:.1f} s by {args.workers} workers, {report['cache_mb']} MB")

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import time
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from hf_ibproj.backbones import create_backbone
 from hf_ibproj.data import load_image_data
 from hf_ibproj.train_config import DEFAULT_PRESET, TrainConfig, read_preset
 from hf_ibproj.evaluation import PRECISIONS, check_labels, extract_features, knn_accuracy, linear_probe
+from hf_ibproj.runs import cpu_name
 from hf_ibproj.sources import resolve_source
 
 TARGET_SECONDS = 180
@@ -79,7 +79,7 @@ def main() -> None:
         "linear": linear, "knn": knn,
         "target_s": TARGET_SECONDS, "target_met": None if args.smoke else timings["total_s"] <= TARGET_SECONDS,
         "torch_threads": torch.get_num_threads(), "load_average_start": load_start,
-        "load_average_end": os.getloadavg()[0], "cpu": platform.processor() or platform.machine(),
+        "load_average_end": os.getloadavg()[0], "cpu": cpu_name(),
         "torch": torch.__version__,
     }
     print(json.dumps(report, indent=2))

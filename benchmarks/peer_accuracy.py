@@ -31,7 +31,6 @@ import dataclasses
 import json
 import math
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -46,7 +45,7 @@ from hf_ibproj import IBProjModel
 from hf_ibproj.data import load_image_data
 from hf_ibproj.evaluation import evaluate_features, extract_features
 from hf_ibproj.precision import has_native_bf16
-from hf_ibproj.runs import RunFolder, write_json
+from hf_ibproj.runs import RunFolder, cpu_name, write_json
 from hf_ibproj.train_config import DEFAULT_PRESET, TrainConfig, read_preset
 from lightly_recipe import BATCH_SIZE as LIGHTLY_BATCH
 from lightly_recipe import LightlySimCLR, in_fresh_process, preset_uses_bf16, require_lightly
@@ -340,7 +339,7 @@ def format_phases(phases: list[dict], budget_s: float) -> tuple[str, list[str]]:
 
 
 def machine() -> dict:
-    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+    return {"cpu": cpu_name(), "cores": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "native_bf16": has_native_bf16(torch.device("cpu")),
             "torch": torch.__version__, "load_average": os.getloadavg()}
 

@@ -83,6 +83,11 @@ CANDIDATES = {
     "bt-projector-1024-simclr-augmentation": ["--objective", "barlow_twins", "--lr", "0.3", "--projector-hidden-dims",
                                               "[1024, 1024]", "--projector-out-dim", "1024",
                                               "--augmentation", "simclr"],
+    # round 3: narrower still, from round 2's winner (512): the backbone's 128 features and twice that
+    "bt-projector-256": ["--objective", "barlow_twins", "--lr", "0.3", "--projector-hidden-dims", "[256, 256]",
+                         "--projector-out-dim", "256"],
+    "bt-projector-128": ["--objective", "barlow_twins", "--lr", "0.3", "--projector-hidden-dims", "[128, 128]",
+                         "--projector-out-dim", "128"],
 }
 SMOKE_CANDIDATES = {"warmup-0": ["--warmup-epochs", "0"]}
 SMOKE_BASE_FLAGS = [*SMOKE_TRAIN_PY_FLAGS, "--backbone-kwargs", "{channels: [8, 8, 8, 8]}"]  # under every smoke run

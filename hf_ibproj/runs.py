@@ -196,13 +196,23 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
+def cpu_name() -> str:
+    """This CPU's model name (Linux: /proc/cpuinfo's "model name"), else its architecture as `platform` knows it."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
 def hardware_summary(device: Any, num_processes: int) -> str:
     if device.type == "cuda":
         import torch
 
         name = torch.cuda.get_device_name(device)
     else:
-        name = f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores"
+        name = f"{cpu_name()} CPU, {os.cpu_count()} cores"
     return f"{num_processes} x {name}"
 
 

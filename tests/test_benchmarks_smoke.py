@@ -160,7 +160,8 @@ def test_bottlenecks_at_budget_smoke(tmp_path):
     from scipy import stats
 
     out, results = tmp_path / "out", tmp_path / "results"
-    output = run_smoke("bottlenecks_at_budget.py", "--out", str(out), "--results", str(results), timeout=600)
+    queue = ("--objectives", "simclr")  # Barlow Twins' queue is the same code; its runs' settings are tested below
+    output = run_smoke("bottlenecks_at_budget.py", *queue, "--out", str(out), "--results", str(results), timeout=600)
     runs = {r["name"]: r for r in (json.loads(p.read_text()) for p in results.glob("*.json"))}
     grid = {r["label"]: r for r in runs.values() if r["stage"] == "grid"}
     assert set(grid) == {"standard", "mi_weight=1e-3", "mi_weight=1e-2", "sparse_topk=8"}
@@ -197,8 +198,8 @@ def test_bottlenecks_at_budget_smoke(tmp_path):
             in output)
 
     # resumable: a second invocation trains nothing; the committed summaries alone give the same tables
-    again = run_smoke("bottlenecks_at_budget.py", "--out", str(out), "--results", str(results))
-    report = run_smoke("bottlenecks_at_budget.py", "--report-only", "--results", str(results),
+    again = run_smoke("bottlenecks_at_budget.py", *queue, "--out", str(out), "--results", str(results))
+    report = run_smoke("bottlenecks_at_budget.py", *queue, "--report-only", "--results", str(results),
                        "--out", str(tmp_path / "elsewhere"))
     assert "train.py" not in again and report in again and report in output
     assert report.startswith("Machine: results;") and not (tmp_path / "elsewhere").exists()
@@ -213,7 +214,7 @@ def test_bottlenecks_at_budget_choice_and_diverged_runs(tmp_path, monkeypatch, c
     sys.path.insert(0, str(BENCHMARKS))
     budget = importlib.import_module("bottlenecks_at_budget")
     grid = {"simclr": {"mi_weight": ("1e-4", "1e-2"), "quantize_levels": ("30", "10")}}
-    specs = budget.grid_runs("simclr", grid, {"simclr": "64"})
+    specs = budget.grid_runs("simclr", grid, {"simclr": ["--sparse-latent-dim", "64"]})
     assert [s.label for s in specs] == ["standard", "mi_weight=1e-4", "quantize_levels=30", "mi_weight=1e-2",
                                         "quantize_levels=10"]  # the paper's values first
     assert specs[1].flags == ["--mi-weight", "1e-4"] and specs[0].flags == []
@@ -233,7 +234,8 @@ def test_bottlenecks_at_budget_choice_and_diverged_runs(tmp_path, monkeypatch, c
     diverged = [summary(s, None, diverged=True) if s.label == "mi_weight=1e-2" else x for s, x in zip(specs, summaries)]
     assert budget.choose("simclr", grid, diverged) == {"mi_weight": "1e-4", "quantize_levels": "30"}
 
-    confirm = budget.confirm_runs("simclr", {"mi_weight": "1e-2"}, (1, 2, 3), {"simclr": "64"})
+    confirm = budget.confirm_runs("simclr", {"mi_weight": "1e-2"}, (1, 2, 3),
+                                  {"simclr": ["--sparse-latent-dim", "64"]})
     assert [(s.label, s.seed) for s in confirm] == [(label, seed) for seed in (1, 2, 3)
                                                     for label in ("standard", "mi_weight=1e-2")]
     scores = {("standard", 1): 80.0, ("standard", 2): 81.0, ("standard", 3): 79.5, ("mi_weight=1e-2", 1): 81.0,
@@ -271,6 +273,44 @@ def test_bottlenecks_at_budget_choice_and_diverged_runs(tmp_path, monkeypatch, c
         budget.main(["--smoke", "--results", str(results), "--out", str(tmp_path / "out")])
     assert refused.value.code == 2 and not (tmp_path / "out").exists()
     assert "another kind of machine (x)" in capsys.readouterr().err
+
+
+def test_bottlenecks_at_budget_barlow_twins_runs(monkeypatch):
+    """Every Barlow Twins run is its CPU preset's 10-minute job plus one bottleneck, and its sparse run keeps only the
+    preset projector's first [Linear-BN-ReLU] block in front of a top-k block as wide (docs/method.md section 3c)."""
+    import importlib
+
+    import torch
+    import yaml
+
+    from hf_ibproj import IBProjModel
+    from hf_ibproj.projectors import TopKSparseBlock
+    from hf_ibproj.train_config import parse_train_config
+
+    sys.path.insert(0, str(BENCHMARKS))
+    budget = importlib.import_module("bottlenecks_at_budget")
+    preset = yaml.safe_load((ROOT / "configs" / "fashion_mnist_barlow_twins_cpu.yaml").read_text())
+    width = preset["projector_hidden_dims"][0]
+    monkeypatch.chdir(ROOT)  # train.py starts in the repository root
+    runs = {spec.label: parse_train_config(spec.flags)[0]
+            for spec in budget.grid_runs("barlow_twins", budget.GRID, budget.SPARSE_FLAGS)}
+    assert set(runs) == {"standard", *(f"{b}={v}" for b, vs in budget.GRID["barlow_twins"].items() for v in vs)}
+    for label, run in runs.items():
+        assert (run.objective, run.time_budget, run.batch_size, run.lr) == (
+            "barlow_twins", 10, preset["batch_size"], preset["lr"]), label
+        bottleneck, value = label.split("=") if "=" in label else (None, None)
+        assert (run.mi_weight, run.quantize_levels) == (float(value) if bottleneck == "mi_weight" else 0.0,
+                                                       int(value) if bottleneck == "quantize_levels" else 0), label
+    standard = IBProjModel(runs["standard"].model_config()).projector
+    widths = [m.out_features for m in standard.modules() if isinstance(m, torch.nn.Linear)]
+    assert widths == [*preset["projector_hidden_dims"], preset["projector_out_dim"]]
+    for k in budget.GRID["barlow_twins"]["sparse_topk"]:
+        projector = IBProjModel(runs[f"sparse_topk={k}"].model_config()).projector
+        layers = [type(m).__name__ for m in projector.modules() if not list(m.children())]
+        assert layers == ["Linear", "BatchNorm1d", "ReLU", "Linear", "Linear"], layers
+        sparse = next(m for m in projector.modules() if isinstance(m, TopKSparseBlock))
+        assert (sparse.encoder.in_features, sparse.encoder.out_features, sparse.k) == (width, width, int(k))
+    assert int(budget.GRID["barlow_twins"]["sparse_topk"][0]) == round(0.2 * width)  # the paper's k, listed first
 
 
 def test_peer_throughput_smoke():

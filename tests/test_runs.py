@@ -1,16 +1,19 @@
-"""The run folder's lock: one writer at a time, released when its holder ends, even by a crash."""
+"""The run folder's lock: one writer at a time, released when its holder ends, even by a crash; the hardware a run
+records."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
 import pytest
+import torch
 
-from hf_ibproj.runs import RunFolder, RunFolderInUseError
+from hf_ibproj.runs import RunFolder, RunFolderInUseError, hardware_summary
 
 
 def test_a_second_holder_is_refused_with_the_first_ones_pid(tmp_path):
@@ -45,3 +48,14 @@ with RunFolder({str(tmp_path / "run")!r}).lock():
         except RunFolderInUseError:
             assert time.time() < deadline
             time.sleep(0.05)
+
+
+@pytest.mark.skipif(shutil.which("lscpu") is None, reason="needs lscpu (util-linux) to name the CPU independently")
+def test_a_cpu_run_records_the_cpu_model_as_lscpu_names_it():
+    listing = subprocess.run(["lscpu"], capture_output=True, text=True, check=True,
+                             env={**os.environ, "LC_ALL": "C"}).stdout
+    model = next((line.split(":", 1)[1].strip() for line in listing.splitlines() if line.startswith("Model name:")),
+                 None)
+    if model is None:
+        pytest.skip("lscpu names no model here")
+    assert hardware_summary(torch.device("cpu"), 2) == f"2 x {model} CPU, {os.cpu_count()} cores"
