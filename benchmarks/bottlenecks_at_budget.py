@@ -1,6 +1,6 @@
 """The paper's bottleneck projectors in the 10-minute default job: a verdict per bottleneck at the budget users run.
 
-    python benchmarks/bottlenecks_at_budget.py                          # every stage, resumable, ~11 min per run
+    python benchmarks/bottlenecks_at_budget.py                          # every objective, resumable, ~11 min per run
     python benchmarks/bottlenecks_at_budget.py --objectives simclr      # one objective
     python benchmarks/bottlenecks_at_budget.py --report-only            # the tables from the committed summaries
     python benchmarks/bottlenecks_at_budget.py --smoke                  # seconds, for CI
@@ -83,7 +83,7 @@ SPARSE_FLAGS = {"simclr": ["--sparse-latent-dim", "4096"],
                 "barlow_twins": barlow_twins_sparse_flags(BARLOW_TWINS_WIDTH)}
 SMOKE_GRID = {"simclr": {"mi_weight": ("1e-3", "1e-2"), "sparse_topk": ("8",)},
               "barlow_twins": {"sparse_topk": ("8",)}}
-SMOKE_SPARSE_FLAGS = {"simclr": ["--sparse-latent-dim", "64"], "barlow_twins": barlow_twins_sparse_flags(64)}
+SMOKE_SPARSE_FLAGS = {"simclr": ["--sparse-latent-dim", "64"], "barlow_twins": SPARSE_FLAGS["barlow_twins"]}
 SMOKE_CONFIRM_SEEDS = (1, 2)
 PAUSE_POLL_S = 10
 
@@ -224,7 +224,9 @@ def report(summaries: list[dict], grid: dict, machine_folder: str) -> str:
         runs = [s for s in summaries if s["objective"] == objective]
         if not runs:
             continue
+        cpus = sorted({s["machine"]["cpu"] for s in runs if "machine" in s})  # the kind can hold several models
         lines += [f"### {objective}: grid (seed {GRID_SEED}), validation top-1 (%)", "",
+                  *([f"CPUs: {', '.join(cpus)}", ""] if cpus else []),
                   "| projector | linear | kNN | steps | epochs | img/s | wall s |", "|---|---|---|---|---|---|---|"]
         order = ["standard"] + [f"{b}={v}" for b, values in grid[objective].items() for v in values]
         grid_rows = [s for s in runs if s["stage"] == "grid" and s["label"] in order]

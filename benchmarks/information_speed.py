@@ -20,7 +20,6 @@
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 
 import torch
@@ -30,6 +29,7 @@ from torch.utils.benchmark import Timer
 from hf_ibproj import IBProjConfig, IBProjModel
 from hf_ibproj.information import matrix_mutual_information
 from hf_ibproj.precision import has_native_bf16
+from hf_ibproj.runs import cpu_name
 
 
 def naive_mutual_information(z1: torch.Tensor, z2: torch.Tensor, alpha: int = 2) -> torch.Tensor:
@@ -150,7 +150,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu_name()}")
 
     if args.part in ("a", "both"):
         estimator_part(args.smoke)

@@ -275,6 +275,30 @@ def test_bottlenecks_at_budget_choice_and_diverged_runs(tmp_path, monkeypatch, c
     assert "another kind of machine (x)" in capsys.readouterr().err
 
 
+def test_bottlenecks_at_budget_barlow_twins_smoke(tmp_path):
+    """The Barlow Twins queue end to end, started from another folder: every run trains the Barlow Twins CPU preset,
+    the sparse run with the top-k block after the preset projector's first block."""
+    import yaml
+
+    preset = yaml.safe_load((ROOT / "configs" / "fashion_mnist_barlow_twins_cpu.yaml").read_text())
+    width = preset["projector_hidden_dims"][0]
+    out, results = tmp_path / "out", tmp_path / "results"
+    output = run_smoke("bottlenecks_at_budget.py", "--objectives", "barlow_twins", "--out", str(out), "--results",
+                       str(results), timeout=600, cwd=tmp_path)
+    runs = [json.loads(p.read_text()) for p in results.glob("*.json")]
+    assert sorted((r["stage"], r["label"], r["seed"]) for r in runs) == [
+        ("confirm", label, seed) for label in ("sparse_topk=8", "standard") for seed in (1, 2)] + [
+        ("grid", "sparse_topk=8", 0), ("grid", "standard", 0)]
+    for run in runs:
+        config = yaml.safe_load((out / run["name"] / "config.yaml").read_text())
+        assert (config["objective"], config["eval_split"]) == ("barlow_twins", "validation"), run["name"]
+        projector = (config["projector_hidden_dims"], config["projector_out_dim"], config["sparse_latent_dim"],
+                     config["sparse_topk"])
+        assert projector == (([width], 0, width, 8) if run["label"] == "sparse_topk=8" else
+                             (preset["projector_hidden_dims"], preset["projector_out_dim"], 0, None)), run["name"]
+    assert "### barlow_twins: confirmation (seeds 1, 2)" in output
+
+
 def test_bottlenecks_at_budget_barlow_twins_runs(monkeypatch):
     """Every Barlow Twins run is its CPU preset's 10-minute job plus one bottleneck, and its sparse run keeps only the
     preset projector's first [Linear-BN-ReLU] block in front of a top-k block as wide (docs/method.md section 3c)."""
@@ -283,7 +307,7 @@ def test_bottlenecks_at_budget_barlow_twins_runs(monkeypatch):
     import torch
     import yaml
 
-    from hf_ibproj import IBProjModel
+    from hf_ibproj import IBProjConfig, IBProjModel
     from hf_ibproj.projectors import TopKSparseBlock
     from hf_ibproj.train_config import parse_train_config
 
@@ -294,13 +318,14 @@ def test_bottlenecks_at_budget_barlow_twins_runs(monkeypatch):
     monkeypatch.chdir(ROOT)  # train.py starts in the repository root
     runs = {spec.label: parse_train_config(spec.flags)[0]
             for spec in budget.grid_runs("barlow_twins", budget.GRID, budget.SPARSE_FLAGS)}
-    assert set(runs) == {"standard", *(f"{b}={v}" for b, vs in budget.GRID["barlow_twins"].items() for v in vs)}
     for label, run in runs.items():
         assert (run.objective, run.time_budget, run.batch_size, run.lr) == (
             "barlow_twins", 10, preset["batch_size"], preset["lr"]), label
         bottleneck, value = label.split("=") if "=" in label else (None, None)
         assert (run.mi_weight, run.quantize_levels) == (float(value) if bottleneck == "mi_weight" else 0.0,
                                                        int(value) if bottleneck == "quantize_levels" else 0), label
+        if bottleneck != "sparse_topk":  # the preset's projector, no sparse block
+            assert (run.sparse_latent_dim, run.projector_hidden_dims) == (0, preset["projector_hidden_dims"]), label
     standard = IBProjModel(runs["standard"].model_config()).projector
     widths = [m.out_features for m in standard.modules() if isinstance(m, torch.nn.Linear)]
     assert widths == [*preset["projector_hidden_dims"], preset["projector_out_dim"]]
@@ -310,7 +335,8 @@ def test_bottlenecks_at_budget_barlow_twins_runs(monkeypatch):
         assert layers == ["Linear", "BatchNorm1d", "ReLU", "Linear", "Linear"], layers
         sparse = next(m for m in projector.modules() if isinstance(m, TopKSparseBlock))
         assert (sparse.encoder.in_features, sparse.encoder.out_features, sparse.k) == (width, width, int(k))
-    assert int(budget.GRID["barlow_twins"]["sparse_topk"][0]) == round(0.2 * width)  # the paper's k, listed first
+    paper_k = IBProjConfig(objective="barlow_twins", sparse_latent_dim=width).sparse_topk  # 0.2 d_latent
+    assert budget.GRID["barlow_twins"]["sparse_topk"][0] == str(paper_k)  # the paper's value, listed first
 
 
 def test_peer_throughput_smoke():
