@@ -70,17 +70,11 @@ GRID = {
     "barlow_twins": {"mi_weight": ("1e-4", "1e-2", "1e-1"), "quantize_levels": ("3", "10", "30"),
                      "sparse_topk": tuple(str(round(ratio * BARLOW_TWINS_WIDTH)) for ratio in (0.2, 0.1, 0.4))},
 }
-
-
-def barlow_twins_sparse_flags(width: int) -> list[str]:
-    """Barlow Twins' sparse projector (docs/method.md section 3c): the first [Linear-BN-ReLU] block of the projector,
-    `width` wide, then the top-k block with as many latents."""
-    return ["--projector-hidden-dims", f"[{width}]", "--projector-out-dim", "0", "--sparse-latent-dim", str(width)]
-
-
-# The sparse block's flags: SimCLR's replaces the whole MLP (section 3c).
+# The sparse block's flags (docs/method.md section 3c): SimCLR's replaces the whole MLP; Barlow Twins' follows the
+# projector's first [Linear-BN-ReLU] block, with as many latents as that block is wide.
 SPARSE_FLAGS = {"simclr": ["--sparse-latent-dim", "4096"],
-                "barlow_twins": barlow_twins_sparse_flags(BARLOW_TWINS_WIDTH)}
+                "barlow_twins": ["--projector-hidden-dims", f"[{BARLOW_TWINS_WIDTH}]", "--projector-out-dim", "0",
+                                 "--sparse-latent-dim", str(BARLOW_TWINS_WIDTH)]}
 SMOKE_GRID = {"simclr": {"mi_weight": ("1e-3", "1e-2"), "sparse_topk": ("8",)},
               "barlow_twins": {"sparse_topk": ("8",)}}
 SMOKE_SPARSE_FLAGS = {"simclr": ["--sparse-latent-dim", "64"], "barlow_twins": SPARSE_FLAGS["barlow_twins"]}
