@@ -3,6 +3,8 @@
     pip install -e ".[bench]"                        # lightly is a benchmark-only dependency
     python benchmarks/peer_accuracy.py               # ~50 min on 2 CPU cores: 4 x 10 min of training, 4 evaluations
     python benchmarks/peer_accuracy.py --smoke       # seconds, for CI: tiny budgets, subsets and widths
+    python benchmarks/peer_accuracy.py --dataset DATA --out OUT   # the same on another dataset of the kind
+                                                     # (28 px grayscale, train / test: idx_to_dataset.py makes one)
 
 One after the other, on one machine:
   (a) `python train.py --output-dir OUT/train_py --time-budget MINUTES`: the default job (the preset
@@ -89,7 +91,7 @@ class Settings:
     lightly_sides: dict[str, dict]  # side name -> {"backbone_kwargs": ..., "batch_size": ...}
 
 
-def make_settings(minutes: float | None, smoke: bool) -> Settings:
+def make_settings(minutes: float | None, smoke: bool, dataset: str | None = None) -> Settings:
     preset = TrainConfig(**read_preset(DEFAULT_PRESET))
     if preset.objective != "simclr":
         sys.exit(f"the default preset {DEFAULT_PRESET} trains {preset.objective}; this benchmark compares SimCLR "
@@ -100,6 +102,8 @@ def make_settings(minutes: float | None, smoke: bool) -> Settings:
     job_kwargs = {"in_chans": preset.channels, **(preset.backbone_kwargs or {})}
     reference = REFERENCE_CHANNELS
     flags = ["--time-budget", str(minutes)]
+    if dataset is not None and dataset != preset.dataset:
+        flags += ["--dataset", dataset]
     if smoke:
         job_kwargs["channels"], reference = SMOKE_JOB_CHANNELS, SMOKE_REFERENCE_CHANNELS
         flags += ["--backbone-kwargs", json.dumps({**(preset.backbone_kwargs or {}), "channels": SMOKE_JOB_CHANNELS}),
@@ -112,7 +116,7 @@ def make_settings(minutes: float | None, smoke: bool) -> Settings:
         channels = "-".join(map(str, kwargs.get("channels", ["default"])))
         sides.setdefault(f"lightly_{channels}_batch{batch}", {"backbone_kwargs": kwargs, "batch_size": batch})
     return Settings(
-        minutes=minutes, smoke=smoke, dataset=preset.dataset, train_split=preset.train_split,
+        minutes=minutes, smoke=smoke, dataset=dataset or preset.dataset, train_split=preset.train_split,
         eval_split=preset.eval_split, channels=preset.channels,
         image_size=SMOKE_IMAGE_SIZE if smoke else preset.image_size,
         train_samples=SMOKE_TRAIN if smoke else None, test_samples=SMOKE_TEST if smoke else None,
@@ -393,12 +397,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true",
                         help=f"seconds: {SMOKE_TRAIN} training / {SMOKE_TEST} test images of {SMOKE_IMAGE_SIZE} px, "
                              "tiny widths, for CI")
+    parser.add_argument("--dataset", default=None,
+                        help="another dataset of the preset's kind (the preset's channels, image size and splits: a "
+                             "Hub id, an image folder or a save_to_disk folder, e.g. from idx_to_dataset.py), for "
+                             "every side (default: the preset's)")
     parser.add_argument("--out", type=Path, default=None,
                         help="folder of the runs and results (default: benchmarks/out/peer_accuracy, "
                              "or benchmarks/out/peer_accuracy_smoke with --smoke)")
     args = parser.parse_args(argv)
     require_lightly()
-    settings = make_settings(args.minutes, args.smoke)
+    settings = make_settings(args.minutes, args.smoke, args.dataset)
     if args.smoke:
         torch.set_num_threads(1)  # tiny tensors: a second thread only adds wake-ups (10-50x slower on a busy CPU)
     out = args.out or ROOT / "benchmarks" / "out" / ("peer_accuracy_smoke" if args.smoke else "peer_accuracy")

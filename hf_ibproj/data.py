@@ -168,18 +168,23 @@ def _fashion_mnist_is_local(source: str) -> bool:
     return source == "fashion_mnist" and all((FASHION_MNIST_DIR / f).is_file() for f in FASHION_MNIST_FILES["train"])
 
 
-def _read_idx_ubyte(path: Path) -> np.ndarray:
-    """Read a gzipped uint8 idx file (the MNIST format: 2 zero bytes, type 0x08, ndim, big-endian int32 dims).
+def read_idx_ubyte(path: Path) -> np.ndarray:
+    """Read a uint8 idx file, gzipped (`.gz`) or not (the MNIST format: 2 zero bytes, type 0x08, ndim, big-endian
+    int32 dims, then the bytes).
 
     Parsed by hand with numpy because `datasets` has no reader for it, and this is ~50x faster than
     building a `datasets.Dataset` from the arrays.
     """
-    with gzip.open(path, "rb") as f:
+    with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
         raw = f.read()
     if raw[:3] != b"\x00\x00\x08":
-        raise ValueError(f"{path} is not a uint8 idx file (header {raw[:4]!r}): reinstall dataset-fashion-mnist")
+        raise ValueError(f"{path} is not a uint8 idx file (header {raw[:4]!r}, expected b'\\x00\\x00\\x08' and the "
+                         "number of dimensions): pass the file as the MNIST site ships it")
     ndim = raw[3]
     shape = np.frombuffer(raw, dtype=">i4", count=ndim, offset=4)
+    if len(raw) != 4 + 4 * ndim + int(np.prod(shape)):
+        raise ValueError(f"{path} holds {len(raw) - 4 - 4 * ndim} bytes of data where its header announces shape "
+                         f"{shape.tolist()}: the file is truncated or corrupt")
     return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
@@ -188,7 +193,7 @@ def _read_fashion_mnist(split: str) -> tuple[np.ndarray, np.ndarray]:
     if split not in FASHION_MNIST_FILES:
         raise ValueError(f"unknown split {split!r} for fashion_mnist: available splits are {list(FASHION_MNIST_FILES)}")
     images_file, labels_file = FASHION_MNIST_FILES[split]
-    return _read_idx_ubyte(FASHION_MNIST_DIR / images_file), _read_idx_ubyte(FASHION_MNIST_DIR / labels_file)
+    return read_idx_ubyte(FASHION_MNIST_DIR / images_file), read_idx_ubyte(FASHION_MNIST_DIR / labels_file)
 
 
 def _fashion_mnist_dataset(split: str) -> datasets.Dataset:

@@ -510,3 +510,52 @@ def test_peer_accuracy_smoke(tmp_path):
     refused = subprocess.run([sys.executable, str(BENCHMARKS / "peer_accuracy.py"), "--smoke", "--minutes", "0.06",
                               "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert refused.returncode == 2 and "holds results of other options" in refused.stderr
+
+
+def test_idx_to_dataset_and_peer_accuracy_on_it(tmp_path):
+    """idx files (plain or gzipped, written with struct) become a save_to_disk dataset whose images and labels are the
+    files' own; peer_accuracy.py's --dataset sends train.py and lightly's side to it."""
+    import gzip
+    import importlib
+    import struct
+
+    import datasets
+    import numpy as np
+
+    from hf_ibproj.data import load_image_data
+
+    rng = np.random.default_rng(0)
+    arrays = {"train": (rng.integers(0, 256, (12, 28, 28)), rng.integers(0, 3, 12)),
+              "t10k": (rng.integers(0, 256, (6, 28, 28)), np.array([0, 1, 2, 2, 1, 0]))}
+    idx = tmp_path / "idx"
+    idx.mkdir()
+    for prefix, (images, labels) in arrays.items():
+        for kind, array, opener, suffix in (("images-idx3", images, gzip.open, ".gz"), ("labels-idx1", labels, open, "")):
+            with opener(idx / f"{prefix}-{kind}-ubyte{suffix}", "wb") as f:
+                f.write(struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+                        + array.astype(np.uint8).tobytes())
+    data = tmp_path / "data"
+    command = [sys.executable, str(BENCHMARKS / "idx_to_dataset.py"), str(idx), str(data)]
+    made = subprocess.run([*command, "--class-names", "a", "b", "c"], capture_output=True, text=True, timeout=120)
+    assert made.returncode == 0, made.stderr
+    splits = datasets.load_from_disk(str(data))
+    assert sorted(splits) == ["test", "train"] and splits["train"].features["label"].names == ["a", "b", "c"]
+    for split, prefix in (("train", "train"), ("test", "t10k")):
+        images, labels = arrays[prefix]
+        assert [np.array(image).tolist() for image in splits[split]["image"]] == images.tolist()
+        assert splits[split]["label"] == labels.tolist()
+        loaded = load_image_data(str(data), split, channels=1)
+        assert loaded.images[:, 0].tolist() == images.tolist() and loaded.labels.tolist() == labels.tolist()
+    again = subprocess.run(command, capture_output=True, text=True, timeout=120)  # nothing is overwritten
+    assert again.returncode == 2 and f"{data} exists: pass a new folder" in again.stderr
+    (idx / "t10k-labels-idx1-ubyte").unlink()
+    missing = subprocess.run([*command[:-1], str(tmp_path / "other")], capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 1 and "has no t10k-labels-idx1-ubyte (nor t10k-labels-idx1-ubyte.gz)" in missing.stderr
+    assert not (tmp_path / "other").exists()
+
+    sys.path.insert(0, str(BENCHMARKS))
+    peer = importlib.import_module("peer_accuracy")
+    settings = peer.make_settings(None, smoke=False, dataset=str(data))
+    assert settings.dataset == str(data)
+    assert settings.train_py_flags[settings.train_py_flags.index("--dataset") + 1] == str(data)
+    assert "--dataset" not in peer.make_settings(None, smoke=False).train_py_flags

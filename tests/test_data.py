@@ -538,3 +538,27 @@ def test_pixel_array_column(tmp_path):
     assert np.array_equal(data.images[:, 0].numpy(), pixels) and data.labels.tolist() == [1, 0, 1]
     _ds, image_column, label_column, class_names = open_image_dataset(str(tmp_path / "arrays"))
     assert (image_column, label_column, class_names) == ("pixel_values", "label", None)
+
+
+def _write_idx(path, array):
+    """An idx file written with struct, as the MNIST site describes it: magic 0x0803 / 0x0801 (uint8, ndim), dims."""
+    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def test_read_idx_ubyte_plain_and_gzipped_and_bad_files(tmp_path):
+    images = _rng().integers(0, 256, size=(5, 3, 4), dtype=np.uint8)
+    labels = np.array([3, 1, 4, 1, 5], dtype=np.uint8)
+    _write_idx(tmp_path / "images.gz", images)
+    _write_idx(tmp_path / "labels", labels)
+    assert np.array_equal(hf_ibproj.data.read_idx_ubyte(tmp_path / "images.gz"), images)
+    assert np.array_equal(hf_ibproj.data.read_idx_ubyte(tmp_path / "labels"), labels)
+
+    (tmp_path / "int32").write_bytes(struct.pack(">HBBI", 0, 0x0C, 1, 2) + b"\0" * 8)  # int32 data: not uint8
+    with pytest.raises(ValueError, match=r"int32 is not a uint8 idx file"):
+        hf_ibproj.data.read_idx_ubyte(tmp_path / "int32")
+    (tmp_path / "truncated").write_bytes((tmp_path / "labels").read_bytes()[:-1])
+    with pytest.raises(ValueError, match=r"holds 4 bytes of data where its header announces shape \[5\]"):
+        hf_ibproj.data.read_idx_ubyte(tmp_path / "truncated")
