@@ -515,14 +515,13 @@ def test_peer_accuracy_smoke(tmp_path):
 def test_idx_to_dataset_and_peer_accuracy_on_it(tmp_path):
     """idx files (plain or gzipped, written with struct) become a save_to_disk dataset whose images and labels are the
     files' own; peer_accuracy.py's --dataset sends train.py and lightly's side to it."""
-    import gzip
     import importlib
-    import struct
 
     import datasets
     import numpy as np
 
     from hf_ibproj.data import load_image_data
+    from tiny import write_idx
 
     rng = np.random.default_rng(0)
     arrays = {"train": (rng.integers(0, 256, (12, 28, 28)), rng.integers(0, 3, 12)),
@@ -530,10 +529,8 @@ def test_idx_to_dataset_and_peer_accuracy_on_it(tmp_path):
     idx = tmp_path / "idx"
     idx.mkdir()
     for prefix, (images, labels) in arrays.items():
-        for kind, array, opener, suffix in (("images-idx3", images, gzip.open, ".gz"), ("labels-idx1", labels, open, "")):
-            with opener(idx / f"{prefix}-{kind}-ubyte{suffix}", "wb") as f:
-                f.write(struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
-                        + array.astype(np.uint8).tobytes())
+        write_idx(idx / f"{prefix}-images-idx3-ubyte.gz", images)  # one gzipped, one plain
+        write_idx(idx / f"{prefix}-labels-idx1-ubyte", labels)
     data = tmp_path / "data"
     command = [sys.executable, str(BENCHMARKS / "idx_to_dataset.py"), str(idx), str(data)]
     made = subprocess.run([*command, "--class-names", "a", "b", "c"], capture_output=True, text=True, timeout=120)

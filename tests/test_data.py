@@ -33,6 +33,7 @@ from hf_ibproj.data import (
     open_image_dataset,
     stratified_indices,
 )
+from tiny import write_idx
 
 
 @pytest.fixture(autouse=True)
@@ -540,19 +541,11 @@ def test_pixel_array_column(tmp_path):
     assert (image_column, label_column, class_names) == ("pixel_values", "label", None)
 
 
-def _write_idx(path, array):
-    """An idx file written with struct, as the MNIST site describes it: magic 0x0803 / 0x0801 (uint8, ndim), dims."""
-    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "wb") as f:
-        f.write(header + array.astype(np.uint8).tobytes())
-
-
 def test_read_idx_ubyte_plain_and_gzipped_and_bad_files(tmp_path):
     images = _rng().integers(0, 256, size=(5, 3, 4), dtype=np.uint8)
     labels = np.array([3, 1, 4, 1, 5], dtype=np.uint8)
-    _write_idx(tmp_path / "images.gz", images)
-    _write_idx(tmp_path / "labels", labels)
+    write_idx(tmp_path / "images.gz", images)
+    write_idx(tmp_path / "labels", labels)
     assert np.array_equal(hf_ibproj.data.read_idx_ubyte(tmp_path / "images.gz"), images)
     assert np.array_equal(hf_ibproj.data.read_idx_ubyte(tmp_path / "labels"), labels)
 

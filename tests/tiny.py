@@ -1,4 +1,5 @@
-"""The tiny runs the tests train: a save_to_disk dataset of 16 px gray images and the settings of a small model.
+"""The tiny runs the tests train: a save_to_disk dataset of 16 px gray images and the settings of a small model;
+and `write_idx`, the idx files of MNIST-like datasets written independently of hf_ibproj.
 
 `TINY_SETTINGS` (TrainConfig fields) and `TINY` (the same as train.py flags): a width-8 small ResNet-18 at 16 px,
 batch 16, float32, no DataLoader workers, so a step takes milliseconds. Later flags win: a test appends its changes.
@@ -6,6 +7,8 @@ batch 16, float32, no DataLoader workers, so a step takes milliseconds. Later fl
 
 from __future__ import annotations
 
+import gzip
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -44,3 +47,11 @@ def save_tiny_dataset(path: Path, train: int = 128, test: int = 64, class_names:
 
     DatasetDict({"train": split(train), "test": split(test)}).save_to_disk(str(path))
     return path
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """A uint8 idx file written with struct, as the MNIST site describes it (2 zero bytes, type 0x08, the number of
+    dimensions, each dimension big-endian); gzipped when `path` ends in .gz."""
+    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    with (gzip.open if path.suffix == ".gz" else open)(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
