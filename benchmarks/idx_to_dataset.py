@@ -59,8 +59,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{args.data_folder} exists: pass a new folder")
     arrays = {split: [read_idx_ubyte(find_idx(args.idx_folder, name)) for name in names]
               for split, names in SPLIT_FILES.items()}
-    class_names = args.class_names or [str(n) for n in range(int(max(labels.max() for _, labels in arrays.values()))
-                                                             + 1)]
+    num_classes = 1 + max(int(labels.max()) for _, labels in arrays.values())
+    class_names = args.class_names or [str(n) for n in range(num_classes)]
     splits = datasets.DatasetDict({split: split_dataset(images, labels, class_names)
                                    for split, (images, labels) in arrays.items()})
     temporary = args.data_folder.with_name(f".{args.data_folder.name}.tmp")  # renamed into place once complete

@@ -101,8 +101,9 @@ def make_settings(minutes: float | None, smoke: bool, dataset: str | None = None
         sys.exit(f"--minutes must be positive, got {minutes}")
     job_kwargs = {"in_chans": preset.channels, **(preset.backbone_kwargs or {})}
     reference = REFERENCE_CHANNELS
+    dataset = dataset or preset.dataset
     flags = ["--time-budget", str(minutes)]
-    if dataset is not None and dataset != preset.dataset:
+    if dataset != preset.dataset:
         flags += ["--dataset", dataset]
     if smoke:
         job_kwargs["channels"], reference = SMOKE_JOB_CHANNELS, SMOKE_REFERENCE_CHANNELS
@@ -116,7 +117,7 @@ def make_settings(minutes: float | None, smoke: bool, dataset: str | None = None
         channels = "-".join(map(str, kwargs.get("channels", ["default"])))
         sides.setdefault(f"lightly_{channels}_batch{batch}", {"backbone_kwargs": kwargs, "batch_size": batch})
     return Settings(
-        minutes=minutes, smoke=smoke, dataset=dataset or preset.dataset, train_split=preset.train_split,
+        minutes=minutes, smoke=smoke, dataset=dataset, train_split=preset.train_split,
         eval_split=preset.eval_split, channels=preset.channels,
         image_size=SMOKE_IMAGE_SIZE if smoke else preset.image_size,
         train_samples=SMOKE_TRAIN if smoke else None, test_samples=SMOKE_TEST if smoke else None,
