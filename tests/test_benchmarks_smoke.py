@@ -443,6 +443,7 @@ def test_peer_accuracy_smoke(tmp_path):
     from sklearn.neighbors import KNeighborsClassifier
     from sklearn.preprocessing import StandardScaler
 
+    import hf_ibproj.backbones  # noqa: F401  registers resnet18_small with timm: the lightly folders name it
     from hf_ibproj.data import load_image_data
 
     out = tmp_path / "peer"
